@@ -1,0 +1,5 @@
+import sys
+
+from craft.cli import main
+
+sys.exit(main())
