@@ -32,9 +32,10 @@ _CORPUS = [
 SPECIAL_TOKENS = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}
 
 
-@functools.lru_cache(maxsize=4)
-def _tokenizer_json(vocab_size: int) -> str:
+def train_bpe_tokenizer(texts, vocab_size: int):
+    """A byte-level BPE `PreTrainedTokenizerFast` trained on `texts` (ids: unk 0, bos 1, eos 2, pad 3)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE(unk_token=SPECIAL_TOKENS["unk_token"]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -45,16 +46,24 @@ def _tokenizer_json(vocab_size: int) -> str:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(_CORPUS * 4, trainer=trainer)
-    return tok.to_str()
+    tok.train_from_iterator(texts, trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, **SPECIAL_TOKENS)
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+@functools.lru_cache(maxsize=4)
+def _tiny_tokenizer_json(vocab_size: int) -> str:
+    return train_bpe_tokenizer(_CORPUS * 4, vocab_size).backend_tokenizer.to_str()
 
 
 def make_tokenizer(vocab_size: int = 384):
-    """A byte-level BPE `PreTrainedTokenizerFast` trained on a tiny built-in corpus (ids: unk 0, bos 1, eos 2, pad 3)."""
+    """The test tokenizer: byte-level BPE trained on a tiny built-in corpus (ids: unk 0, bos 1, eos 2, pad 3)."""
     from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
 
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(_tokenizer_json(vocab_size)), **SPECIAL_TOKENS)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(_tiny_tokenizer_json(vocab_size)),
+                                        **SPECIAL_TOKENS)
     tokenizer.padding_side = "right"
     return tokenizer
 
