@@ -1,0 +1,204 @@
+"""CRAFT configuration: every `craft_*` knob of the CRAFT README, validated once, on construction.
+
+`CRAFTConfigMixin` is a dataclass mixin. Combined with a transformers / TRL argument class it adds the CRAFT
+fields after the host's own fields (all have defaults, so `output_dir` stays the first positional argument):
+
+    >>> from craft.config import CRAFTSFTConfig
+    >>> args = CRAFTSFTConfig(output_dir="out", craft_alpha=0.6, craft_beta=0.5, use_cpu=True, report_to=[])
+    >>> args.craft_alpha
+    0.6
+
+A value outside its range raises `craft.errors.UserError` naming the key and what is allowed.
+
+The objective the trainers optimise, per optimizer step (see `craft.accumulator`):
+
+    J = craft_alpha * L_sft + (1 - craft_alpha) * L_con
+
+`craft_beta` is the fraction of micro-batches that are contrastive (paired strategy); `craft_beta_mode="auto"`
+or `craft_length_strategy="auto_beta"` derive it from the two loaders' batch counts instead.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+from craft.errors import UserError
+
+BETA_MODES = ("fixed", "auto")
+LENGTH_STRATEGIES = ("oversample", "cap", "auto_beta", "error")
+POOLINGS = ("last_token", "mean", "cls", "weighted_mean")
+NEGATIVE_STRATEGIES = ("in_batch", "queue", "none")
+GRADIENT_BALANCING = ("none", "loss_scale", "uncertainty", "gradnorm", "pcgrad")
+# Names accepted in `craft_report_metrics` when it is a list (True = all of them, False = none).
+REPORTABLE_METRICS = ("contrastive_accuracy", "representation_consistency", "temperature")
+
+
+@dataclass
+class CRAFTConfigMixin:
+    """The CRAFT knobs. Mix into a `transformers.TrainingArguments` subclass (it must come first in the bases).
+
+    Knobs (defaults in brackets):
+        craft_alpha [0.6]: weight of the SFT loss; the contrastive loss gets `1 - craft_alpha`. In [0, 1].
+        craft_beta [0.5]: fraction of micro-batches drawn from the contrastive loader. In [0, 1].
+        craft_beta_mode ["fixed"]: "auto" derives beta from the loaders' batch counts.
+        craft_length_strategy ["oversample"]: "oversample" | "cap" | "auto_beta" | "error" (see `craft.data`).
+        craft_contrastive_batch_size [None]: contrastive micro-batch size; None means per_device_train_batch_size.
+        craft_temperature [0.05]: InfoNCE temperature tau > 0 (the initial value when learnable).
+        craft_learnable_temperature [False]: learn log(1/tau) (CLIP style).
+        craft_projection_dim [256]: output size of the projection head (> 0).
+        craft_projection_dropout [0.0]: dropout inside the projection head, in [0, 1).
+        craft_pooling ["last_token"]: "last_token" | "mean" | "cls" | "weighted_mean".
+        craft_use_hidden_state_hook [True]: capture the final-norm output with a forward hook; False asks the
+            model for `output_hidden_states=True` (all layers kept: more memory).
+        craft_use_gradcache [False], craft_gradcache_chunk_size [8]: GradCache (not available in this release).
+        craft_negative_strategy ["in_batch"]: "in_batch" | "queue" | "none" ("queue" not available yet;
+            "none" uses the positives of the other rows only, which is what in-batch InfoNCE does without
+            extra negatives — both give the same loss here).
+        craft_negative_queue_size [65536]: MoCo queue length (> 0).
+        craft_gradient_balancing ["none"]: "none" | "loss_scale" | "uncertainty" | "gradnorm" | "pcgrad"
+            (only "none" available in this release).
+        craft_assistant_mask_key ["assistant_mask"]: the batch column marking assistant tokens (self-align).
+        craft_report_metrics [True]: True logs every CRAFT metric, False none, or a list naming a subset of
+            "contrastive_accuracy", "representation_consistency", "temperature". The loss terms are always logged.
+    """
+
+    craft_alpha: float = 0.6
+    craft_beta: float = 0.5
+    craft_beta_mode: str = "fixed"
+    craft_length_strategy: str = "oversample"
+    craft_contrastive_batch_size: int | None = None
+    craft_temperature: float = 0.05
+    craft_learnable_temperature: bool = False
+    craft_projection_dim: int = 256
+    craft_projection_dropout: float = 0.0
+    craft_pooling: str = "last_token"
+    craft_use_hidden_state_hook: bool = True
+    craft_use_gradcache: bool = False
+    craft_gradcache_chunk_size: int = 8
+    craft_negative_strategy: str = "in_batch"
+    craft_negative_queue_size: int = 65536
+    craft_gradient_balancing: str = "none"
+    craft_assistant_mask_key: str = "assistant_mask"
+    craft_report_metrics: bool | list[str] = field(default=True)
+
+    # Knobs accepted and validated now whose implementation arrives in a later release: turning one on is an
+    # error rather than a silent no-op. A subclass that implements one removes it from this set. (A ClassVar,
+    # not a field: it is not a user setting and must stay out of `to_dict()` / the saved JSON.)
+    craft_unavailable_features: ClassVar[frozenset[str]] = frozenset(
+        {"craft_use_gradcache", "craft_negative_strategy", "craft_gradient_balancing"}
+    )
+
+    def __post_init__(self):
+        validate_craft_config(self)
+        parent_post_init = getattr(super(), "__post_init__", None)
+        if parent_post_init is not None:
+            parent_post_init()
+
+    def craft_metric_enabled(self, name: str) -> bool:
+        """Whether metric `name` (one of REPORTABLE_METRICS) is to be logged."""
+        if isinstance(self.craft_report_metrics, bool):
+            return self.craft_report_metrics
+        return name in self.craft_report_metrics
+
+
+def _require(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise UserError(f"{key}: {message}")
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_choice(config, key: str, choices: tuple[str, ...]) -> None:
+    value = getattr(config, key)
+    _require(value in choices, key, f"must be one of {', '.join(map(repr, choices))}, got {value!r}")
+
+
+def validate_craft_config(config) -> None:
+    """Raise `UserError` naming the first `craft_*` key whose value is out of range or not implemented."""
+    for key in ("craft_alpha", "craft_beta"):
+        value = getattr(config, key)
+        _require(_is_number(value) and 0.0 <= value <= 1.0, key, f"must be a number in [0, 1], got {value!r}")
+    _check_choice(config, "craft_beta_mode", BETA_MODES)
+    _check_choice(config, "craft_length_strategy", LENGTH_STRATEGIES)
+    batch = config.craft_contrastive_batch_size
+    _require(batch is None or (_is_int(batch) and batch > 0), "craft_contrastive_batch_size",
+             f"must be None or a positive integer, got {batch!r}")
+    temperature = config.craft_temperature
+    _require(_is_number(temperature) and temperature > 0, "craft_temperature", f"must be > 0, got {temperature!r}")
+    for key in ("craft_projection_dim", "craft_gradcache_chunk_size", "craft_negative_queue_size"):
+        value = getattr(config, key)
+        _require(_is_int(value) and value > 0, key, f"must be a positive integer, got {value!r}")
+    dropout = config.craft_projection_dropout
+    _require(_is_number(dropout) and 0.0 <= dropout < 1.0, "craft_projection_dropout",
+             f"must be a number in [0, 1), got {dropout!r}")
+    _check_choice(config, "craft_pooling", POOLINGS)
+    _check_choice(config, "craft_negative_strategy", NEGATIVE_STRATEGIES)
+    _check_choice(config, "craft_gradient_balancing", GRADIENT_BALANCING)
+    for key in ("craft_learnable_temperature", "craft_use_hidden_state_hook", "craft_use_gradcache"):
+        value = getattr(config, key)
+        _require(isinstance(value, bool), key, f"must be True or False, got {value!r}")
+    key = "craft_assistant_mask_key"
+    _require(isinstance(config.craft_assistant_mask_key, str) and config.craft_assistant_mask_key, key,
+             f"must be a non-empty column name, got {config.craft_assistant_mask_key!r}")
+    _validate_report_metrics(config.craft_report_metrics)
+    _reject_unavailable(config)
+
+
+def _validate_report_metrics(value) -> None:
+    if isinstance(value, bool):
+        return
+    ok = isinstance(value, (list, tuple)) and all(name in REPORTABLE_METRICS for name in value)
+    _require(ok, "craft_report_metrics",
+             f"must be True, False or a list of {', '.join(map(repr, REPORTABLE_METRICS))}, got {value!r}")
+
+
+# knob -> (value that means "off", what to say when it is on)
+_OFF_VALUES = {
+    "craft_use_gradcache": (False, "GradCache is not available in this release; set craft_use_gradcache=False"),
+    "craft_negative_strategy": ("in_batch", "the negative queue is not available in this release; use 'in_batch'"),
+    "craft_gradient_balancing": ("none", "gradient balancing is not available in this release; use 'none'"),
+}
+
+
+def _reject_unavailable(config) -> None:
+    for key in config.craft_unavailable_features:
+        off_value, message = _OFF_VALUES[key]
+        value = getattr(config, key)
+        if key == "craft_negative_strategy" and value == "none":
+            continue  # in-batch negatives without extras: the same loss as "in_batch"
+        _require(value == off_value, key, f"{message} (got {value!r})")
+
+
+def craft_field_names() -> list[str]:
+    """The names of the user-facing CRAFT knobs, in declaration order."""
+    return [f.name for f in dataclasses.fields(CRAFTConfigMixin)]
+
+
+def _training_arguments_class():
+    from transformers import TrainingArguments
+
+    return TrainingArguments
+
+
+def _sft_config_class():
+    from trl import SFTConfig
+
+    return SFTConfig
+
+
+@dataclass
+class CRAFTTrainingArguments(CRAFTConfigMixin, _training_arguments_class()):
+    """`transformers.TrainingArguments` plus the CRAFT knobs, for `class T(CRAFTTrainerMixin, Trainer)`."""
+
+
+@dataclass
+class CRAFTSFTConfig(CRAFTConfigMixin, _sft_config_class()):
+    """`trl.SFTConfig` plus the CRAFT knobs, for `craft.trainers.CRAFTSFTTrainer`."""
