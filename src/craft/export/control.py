@@ -1,0 +1,158 @@
+"""Control Adapter -> low-rank updates of the residual projections (the math behind convert, merge and GGUF export).
+
+A Control Adapter transforms each residual write `d` of an adapted decoder layer into `T·d`, with
+`T = I + W` (class +1, `W = s·B·A`, strength X: `W -> X·W`) or `T = (I + W)⁻¹` (class −1, exact Woodbury
+inverse or the adapter's Neumann truncation). `ControlAdapter.effective_factors` gives `T − I = s'·B'·A` (rank r),
+so for a residual projection P (out = hidden) the adapted model equals the base model with
+
+    P' = T·P = P + s'·B'·(A·P)                      (a multiplicative update, `left=True`)
+       = P + B''·A''  with  A'' = A·P (r × in),  B'' = s'·B'   (the same update as an additive LoRA, rank r).
+
+This is exact when the write is linear in P: target "sublayers" without a norm after the sublayer, and parallel
+blocks (Cohere: the block delta is the sum of the two writes) for either target. Otherwise it is an approximation:
+
+* target "block" on a sequential block: the MLP then reads `h + T·attn` instead of `h + attn`;
+* Gemma 2 (a norm after each sublayer: the write is `g ⊙ P·x / rms(P·x)` with `g = 1 + weight`): the update
+  used is `P' = G⁻¹·T·G·P` (G = diag(g)), which makes the written vector exactly `T·write` up to a per-token
+  factor `rms(P·x) / rms(P'·x)`; still rank r: `B'' = G⁻¹·s'·B'`, `A'' = A·G·P`.
+
+`craft convert` measures and prints the error of the approximations on logits (see `convert.measure_logits_error`).
+Mixtral's fused expert weight `mlp.experts.down_proj` `(experts, hidden, inter)` gets `T` on every expert.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from craft.adapters.families import FAMILIES, FamilyFacts
+from craft.errors import UserError
+from craft.export.checkpoint import BaseCheckpoint, read_json
+from craft.export.lora import LowRankUpdate
+
+_GEMMA_NORM_OFFSET = 1.0  # Gemma RMSNorm multiplies by (1 + weight)
+
+
+@dataclass
+class ControlAdapterFile:
+    """A saved Control Adapter: its `adapter_config.json` and factor tensors keyed by layer index."""
+
+    path: Path
+    config: dict
+    layers: dict[int, dict[str, torch.Tensor]]  # layer -> {"A", "B"} or {"Q", "S"}
+
+    @property
+    def family(self) -> FamilyFacts:
+        model_type = self.config.get("model_type")
+        if model_type not in FAMILIES:
+            raise UserError(f"{self.path / 'adapter_config.json'}: model_type {model_type!r} is not supported; "
+                            f"supported families: {', '.join(FAMILIES)}")
+        return FAMILIES[model_type]
+
+    @property
+    def exact(self) -> bool:
+        """Whether the per-projection conversion reproduces the adapter exactly (see module docstring)."""
+        family = self.family
+        if family.norm_after_sublayer:
+            return False
+        return family.parallel_block or self.config.get("target", "sublayers") == "sublayers"
+
+
+def read_control_adapter_file(adapter_dir: str | Path) -> ControlAdapterFile:
+    """Load a Control Adapter directory (`adapter_config.json` + `adapter_model.safetensors`), validated."""
+    adapter_dir = Path(adapter_dir)
+    if not adapter_dir.is_dir():
+        raise UserError(f"adapter directory {adapter_dir} does not exist")
+    config = read_json(adapter_dir / "adapter_config.json", "not an adapter directory (no adapter_config.json)")
+    if config.get("adapter_type") != "control_adapter":
+        raise UserError(f"{adapter_dir / 'adapter_config.json'} is not a Control Adapter "
+                        f"(adapter_type={config.get('adapter_type')!r})")
+    weights = adapter_dir / "adapter_model.safetensors"
+    if not weights.is_file():
+        raise UserError(f"{weights} not found")
+    layers: dict[int, dict[str, torch.Tensor]] = {}
+    for key, tensor in load_file(weights).items():
+        prefix, _, factor = key.rpartition(".control_")
+        if not prefix.startswith("layers.") or factor not in ("A", "B", "Q", "S"):
+            raise UserError(f"{weights}: unexpected tensor {key!r} (expected layers.<i>.control_<A|B|Q|S>)")
+        layers.setdefault(int(prefix.split(".")[1]), {})[factor] = tensor
+    if not layers:
+        raise UserError(f"{weights} holds no Control Adapter tensors")
+    adapter = ControlAdapterFile(adapter_dir, config, dict(sorted(layers.items())))
+    adapter.family  # noqa: B018 -- validates model_type early
+    return adapter
+
+
+def transforms(adapter: ControlAdapterFile, direction: int, strength: float) -> dict[int, LowRankUpdate]:
+    """Per layer, `T − I` as a multiplicative update (A `(r, h)`, B `(h, r)`, scale s'), computed in float64.
+
+    The factors come from the adapter's own `ControlAdapter.effective_factors`, so conversion follows exactly the
+    forward the adapter was trained with (Woodbury or Neumann inverse, strength scaling W -> X·W).
+    """
+    from craft.adapters.config import ControlAdapterConfig
+    from craft.adapters.layer import ControlAdapter
+
+    if direction not in (1, -1):
+        raise UserError(f"--direction must be 1 or -1, got {direction}")
+    config = ControlAdapterConfig.from_dict({**adapter.config, "dtype": "float32", "dropout": 0.0})
+    hidden = int(adapter.config["hidden_size"])
+    updates = {}
+    with torch.random.fork_rng(devices=[]):  # the module's random init must not disturb the caller's RNG
+        for layer, tensors in adapter.layers.items():
+            module = ControlAdapter(hidden, config, layer).double()
+            try:
+                module.load_state_dict({name: t.double() for name, t in tensors.items()})
+            except RuntimeError as err:
+                raise UserError(f"{adapter.path}: layer {layer} factors do not match the config "
+                                f"(type {config.type}, rank {config.rank}, hidden {hidden}): {err}") from None
+            with torch.no_grad():
+                a, b, s = module.effective_factors(direction, strength)
+            updates[layer] = LowRankUpdate(a, b, float(s), left=True)
+    return updates
+
+
+def _gemma_norm_gain(base: BaseCheckpoint, layer: int, norm: str) -> torch.Tensor:
+    return base.get_tensor(f"model.layers.{layer}.{norm}.weight").double() + _GEMMA_NORM_OFFSET
+
+
+def projection_updates(adapter: ControlAdapterFile, base: BaseCheckpoint, direction: int = 1,
+                       strength: float = 1.0) -> dict[str, LowRankUpdate]:
+    """Multiplicative updates of every residual projection of every adapted layer, keyed by base tensor name."""
+    family = adapter.family
+    if base.family.name != family.name:
+        raise UserError(f"the adapter was trained on a {family.name} model but the base model at {base.path} "
+                        f"is {base.family.name}")
+    hidden = int(adapter.config["hidden_size"])
+    if int(base.config.get("hidden_size", hidden)) != hidden:
+        raise UserError(f"adapter hidden_size {hidden} differs from the base model's {base.config['hidden_size']}")
+    updates = {}
+    for layer, update in transforms(adapter, direction, strength).items():
+        for index, projection in enumerate(family.residual_projections):
+            A, B = update.A, update.B
+            if family.norm_after_sublayer:  # P' = G⁻¹ T G P (module docstring)
+                gain = _gemma_norm_gain(base, layer, family.write_points[index])
+                A, B = A * gain, B / gain[:, None]
+            updates[base.projection_key(layer, projection)] = LowRankUpdate(A, B, update.scale, left=True)
+    return updates
+
+
+def additive_updates(adapter: ControlAdapterFile, base: BaseCheckpoint, direction: int = 1,
+                     strength: float = 1.0) -> dict[str, LowRankUpdate]:
+    """The projection updates as additive LoRA factors (scale 1), reading each base projection once."""
+    return {name: update.to_additive(base.get_tensor(name))
+            for name, update in projection_updates(adapter, base, direction, strength).items()}
+
+
+def base_dir_for(adapter: ControlAdapterFile, base_dir: str | None) -> BaseCheckpoint:
+    """The base checkpoint: `--base` if given, else the adapter's `base_model_name_or_path` (a local directory)."""
+    path = base_dir or adapter.config.get("base_model_name_or_path")
+    if not path:
+        raise UserError(f"{adapter.path}: no base model given; pass --base BASE_DIR")
+    if not Path(path).is_dir():
+        raise UserError(f"base model directory {path} does not exist "
+                        f"({'--base' if base_dir else 'base_model_name_or_path in the adapter config'}); "
+                        "pass --base with a local directory")
+    return BaseCheckpoint.open(path)
