@@ -1,0 +1,49 @@
+"""Shared by every benchmark: how a result is reported, and what machine it ran on.
+
+A benchmark prints human-readable lines as it goes and, for each claim, one machine-readable line
+
+    RESULT {"what": "...", "ratio": 1.07, "goal": "<= 1.1", "detail": "..."}
+
+which `bench/run_all.py` collects into BENCHMARKS.md together with the command and the machine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+
+
+def report(what: str, ratio: float, goal: str = "", detail: str = "") -> None:
+    print("RESULT " + json.dumps({"what": what, "ratio": round(float(ratio), 3), "goal": goal, "detail": detail}),
+          flush=True)
+
+
+def machine() -> str:
+    """One line: CPU model and cores (or the GPU), torch version."""
+    import torch
+
+    if torch.cuda.is_available():
+        device = torch.cuda.get_device_name(0)
+    else:
+        model = platform.processor() or platform.machine()
+        try:
+            with open("/proc/cpuinfo") as f:
+                model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+        except (OSError, StopIteration):
+            pass
+        device = f"{model}, {os.cpu_count()} cores"
+    return f"{device}, torch {torch.__version__}"
+
+
+def time_steps(step, warmup: int = 2, repeats: int = 5) -> float:
+    """Median seconds per call of `step()` after `warmup` untimed calls."""
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
