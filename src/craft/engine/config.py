@@ -1,0 +1,206 @@
+"""The TOML schema of `craft train`: every key of the qlora-pipe-lite README, its defaults, and clear errors.
+
+A config file is parsed with `tomllib`, optionally patched with `--set key=value` overrides, and validated by
+`TrainConfig` (pydantic v2, `extra="forbid"`). Every mistake a user can make becomes a one-line
+`craft.errors.UserError` that names the file, the key (and for unknown keys the nearest valid one), or the TOML
+line at fault.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import tomllib
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from craft.errors import UserError
+
+
+class DatasetConfig(BaseModel):
+    """One `[[datasets]]` table: files matched by a glob, all carrying the same control class."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    dataset_path: str
+    control_class: Literal[-1, 0, 1] = 1
+    max_sequences: int | None = Field(default=None, gt=0)
+    drop_tails: bool = False
+
+
+class TrainConfig(BaseModel):
+    """All keys of a `craft train` TOML file. Defaults follow the qlora-pipe-lite README.
+
+    Keys beyond the seed: the Control Adapter options (`control_adapter_*`, `control_inverse`,
+    `control_neumann_order`), `lr_scheduler`/`warmup_steps`, `seed`, `model_dtype`, `micro_batch_size`, and
+    `max_steps` (a cap on optimizer steps, for smoke runs).
+    """
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    model_dir: str
+    output_dir: str
+    use_control_adapters: bool = False
+    full_fine_tune: bool = False
+    load_in_4bit: bool = False
+    lora_rank: int | None = Field(default=None, gt=0)
+    lora_alpha: float | None = Field(default=None, gt=0)  # None -> sqrt(rank) (rsLoRA)
+    lora_dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+    lora_weight_decay: float = Field(default=0.0, ge=0.0)
+    lora_weight_dtype: Literal["float32", "bfloat16"] = "float32"
+    target_modules: list[str] | None = None
+    layers_to_transform: str | None = None
+    lr: float = Field(gt=0)
+    epochs: int = Field(default=1, gt=0)
+    beta1: float = Field(default=0.9, ge=0.0, lt=1.0)
+    beta2: float = Field(default=0.99, ge=0.0, lt=1.0)
+    eps: float = Field(default=1e-6, gt=0)
+    sequence_len: int = Field(gt=1)
+    gradient_accumulation_steps: int = Field(default=1, gt=0)
+    eval_gradient_accumulation_steps: int | None = Field(default=None, gt=0)
+    micro_batch_size: int = Field(default=1, gt=0)
+    pipeline_stages: int = Field(default=1, gt=0)
+    use_column_major_topology: bool = False
+    checkpoint_interval_hours: float = Field(default=1.0, gt=0)
+    max_checkpoints: int = Field(default=3, gt=0)
+    eval_fraction: float = Field(default=0.01, ge=0.0, lt=1.0)
+    evals_per_run: int = Field(default=11, ge=0)
+    control_class0_lambda: float = Field(default=0.0, ge=0.0)
+    control_adapter_target: Literal["sublayers", "block"] = "sublayers"
+    control_adapter_type: Literal["lowrank", "symmetric"] = "lowrank"
+    control_inverse: Literal["exact", "neumann"] = "exact"
+    control_neumann_order: int = Field(default=4, gt=0)
+    control_adapter_gamma: float = Field(default=0.1, ge=0.0)
+    lr_scheduler: Literal["seed", "constant", "cosine"] = "seed"
+    warmup_steps: int | None = Field(default=None, ge=0)
+    seed: int = 42
+    model_dtype: Literal["bfloat16", "float32"] = "bfloat16"
+    max_steps: int | None = Field(default=None, gt=0)
+    datasets: list[DatasetConfig] = Field(min_length=1)
+
+    @field_validator("lr", "beta1", "beta2", "eps", "lora_alpha", "lora_dropout", "lora_weight_decay",
+                     "checkpoint_interval_hours", "eval_fraction", "control_class0_lambda",
+                     "control_adapter_gamma", mode="before")
+    @classmethod
+    def _int_is_a_float(cls, value):
+        # TOML writes `lr = 1` as an integer; a float key accepts it (but not a string or a bool).
+        return float(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+    @field_validator("layers_to_transform")
+    @classmethod
+    def _layer_range(cls, value):
+        if value is not None:
+            parse_layer_range(value)
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.full_fine_tune and self.use_control_adapters:
+            raise ValueError("full_fine_tune and use_control_adapters cannot both be true")
+        if self.full_fine_tune and self.lora_weight_decay > 0:
+            raise ValueError(
+                "lora_weight_decay is not supported with full_fine_tune: weight decay on bfloat16 weights suffers "
+                "catastrophic cancellation, and pulling pretrained weights toward zero is a poor inductive bias")
+        if self.full_fine_tune and self.load_in_4bit:
+            raise ValueError("load_in_4bit cannot be combined with full_fine_tune (4-bit weights are frozen)")
+        if not self.full_fine_tune and self.lora_rank is None:
+            raise ValueError("lora_rank is required for LoRA and Control Adapter training")
+        if self.use_control_adapters and self.target_modules is not None:
+            raise ValueError("target_modules is not available with use_control_adapters (they act per layer)")
+        return self
+
+    # Derived values -----------------------------------------------------------------------------------------
+    @property
+    def alpha(self) -> float:
+        """lora_alpha, defaulting to sqrt(rank) (rsLoRA: scale = alpha / rank = 1 / sqrt(rank))."""
+        return self.lora_alpha if self.lora_alpha is not None else math.sqrt(self.lora_rank)
+
+    @property
+    def eval_accumulation_steps(self) -> int:
+        return self.eval_gradient_accumulation_steps or self.gradient_accumulation_steps
+
+    def layer_indices(self, num_layers: int) -> list[int] | None:
+        """The decoder layers to adapt (None = all); `'a:b'` is inclusive at both ends."""
+        if self.layers_to_transform is None:
+            return None
+        first, last = parse_layer_range(self.layers_to_transform)
+        if last >= num_layers:
+            raise UserError(f"layers_to_transform '{self.layers_to_transform}': the model has only {num_layers} "
+                            f"layers (0:{num_layers - 1})")
+        return list(range(first, last + 1))
+
+
+def parse_layer_range(text: str) -> tuple[int, int]:
+    """`'a:b'` -> (a, b) with 0 <= a <= b, both inclusive."""
+    parts = text.split(":")
+    try:
+        first, last = (int(p) for p in parts)
+    except ValueError:
+        raise ValueError(f"expected 'first:last' (inclusive), e.g. '0:29', got {text!r}") from None
+    if not 0 <= first <= last:
+        raise ValueError(f"expected 0 <= first <= last, got {text!r}")
+    return first, last
+
+
+_TYPE_NAMES = {"int": "an integer", "float": "a number", "bool": "true or false", "string": "a string",
+               "list": "a list", "literal": "one of", "dict": "a table", "model": "a table"}
+
+
+def _describe(error: dict) -> str:
+    """One line for one pydantic error: the dotted key path and what was expected."""
+    loc = error["loc"]
+    # Drop pydantic's internal tags (e.g. 'function-after[...]') that are not keys.
+    path = [str(p) for p in loc if not (isinstance(p, str) and "[" in p)]
+    key = ".".join(path).replace(".datasets.", "datasets.")
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        valid = list(DatasetConfig.model_fields if "datasets" in path[:-1] else TrainConfig.model_fields)
+        near = difflib.get_close_matches(path[-1], valid, n=1, cutoff=0.5)
+        hint = f"; did you mean '{near[0]}'?" if near else f"; valid keys: {', '.join(valid)}"
+        return f"unknown key '{key}'{hint}"
+    if kind == "missing":
+        return f"missing required key '{key}'"
+    message = error["msg"]
+    if kind.endswith("_type") or kind == "literal_error":
+        return f"key '{key}': {message[0].lower() + message[1:]} (got {error.get('input')!r})"
+    if kind == "value_error" and not key:
+        return message.removeprefix("Value error, ")
+    return f"key '{key}': {message.removeprefix('Value error, ')}"
+
+
+def _parse_override(text: str):
+    """`key=value` from the command line; the value is read as a TOML value, else as a plain string."""
+    if "=" not in text:
+        raise UserError(f"--set expects key=value, got {text!r}")
+    key, raw = text.split("=", 1)
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return key.strip(), value
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> TrainConfig:
+    """Read, patch and validate a TOML config; a `UserError` names the file and the key or line at fault.
+
+    `overrides` are `key=value` strings (`--set`), applied to top-level keys before validation, so a user (or a
+    test) can point `model_dir` or `output_dir` elsewhere without editing the file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file not found: {path}")
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as err:
+        raise UserError(f"{path}: malformed TOML: {err}") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not UTF-8 text") from None
+    for item in overrides:
+        key, value = _parse_override(item)
+        raw[key] = value
+    try:
+        return TrainConfig.model_validate(raw)
+    except ValidationError as err:
+        raise UserError(f"{path}: {_describe(err.errors()[0])}") from None

@@ -1,0 +1,337 @@
+"""The training loop of `craft train`: DeepSpeed pipeline engine, torch-optimi Adam, LR schedule, composite
+weight decay, evaluation, checkpoints, TensorBoard, progress bar and final summary.
+
+One optimizer step = `gradient_accumulation_steps` micro-batches per data-parallel replica through the pipeline
+(`engine.train_batch`), the mean micro-batch loss being optimised, then (decoupled, after Adam):
+composite weight decay `A -= lr*lambda*s*B^T W`, `B -= lr*lambda*s*W A^T` on every LoRA / lowrank Control Adapter
+pair (`lora_weight_decay`), and the orthogonality step for symmetric Control Adapters.
+
+Learning-rate schedule (the seed README documents no schedule; qlora-pipe-lite's documented behaviour is a fixed
+`lr`): `lr_scheduler = "seed"` (default) and `"constant"` are a constant rate after a linear warmup,
+`lr * min(1, (step + 1) / warmup_steps)`; `"cosine"` decays after the warmup to 0 at the last step,
+`lr * (1 + cos(pi * progress)) / 2`. `warmup_steps` defaults to min(100, total_steps // 20): a short warmup.
+
+Files under `output_dir/<run>/` (`<run>` = start time, `YYYYmmdd_HH-MM-SS`): `epochN/` (adapter or model after
+epoch N), `checkpoints/`, `tensorboard/` (scalars below), `losses.jsonl` (one JSON line per step and per eval),
+`config.toml` (the validated settings). TensorBoard tags: train/loss, train/lr, train/norm_avg, train/norm_max,
+train/weight_decay_avg, train/weight_decay_max, train/aux_loss, train/tokens_per_second, eval/loss.
+
+For tests, `CRAFT_KILL_AT_STEP=<k>` makes the process SIGKILL itself right after step k (1-based) is logged and
+checkpointed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from craft.engine import checkpoint as ckpt
+from craft.engine.config import TrainConfig
+from craft.engine.data import MicroBatches, load_or_build
+from craft.engine.distributed import (all_gather, barrier, broadcast_from_zero, init_distributed, make_topology,
+                                      run_on_zero, stage_and_replica)
+from craft.engine.model import load_stage, read_hf_config
+from craft.engine.outputs import save_epoch_output
+from craft.engine.pipeline import AuxLossMeter, build_pipeline_module
+from craft.errors import UserError
+
+
+def warmup_steps_for(config: TrainConfig, total_steps: int) -> int:
+    return config.warmup_steps if config.warmup_steps is not None else min(100, total_steps // 20)
+
+
+def lr_at(step: int, total_steps: int, config: TrainConfig) -> float:
+    """Learning rate of optimizer step `step` (0-based) of `total_steps` (see the module docstring)."""
+    warmup = warmup_steps_for(config, total_steps)
+    factor = min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
+    if config.lr_scheduler == "cosine" and step >= warmup:
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        factor = 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return config.lr * factor
+
+
+def eval_schedule(total_steps: int, evals_per_run: int) -> set[int]:
+    """Steps before which to evaluate: evenly spaced from 0 to `total_steps` (the end) inclusive."""
+    if evals_per_run <= 0:
+        return set()
+    if evals_per_run == 1:
+        return {total_steps}
+    return {round(i * total_steps / (evals_per_run - 1)) for i in range(evals_per_run)}
+
+
+@dataclass
+class Progress:
+    """Where training stands; saved in every checkpoint's meta.json."""
+
+    step: int = 0            # optimizer steps done
+    epoch: int = 0           # current epoch (0-based)
+    step_in_epoch: int = 0   # steps done in the current epoch
+    tokens: int = 0          # tokens trained on (all replicas)
+
+
+def _quiet_deepspeed() -> None:
+    from deepspeed.utils import logger
+
+    logger.setLevel(logging.WARNING)
+
+
+def _find_resume_checkpoint(output_dir: Path, explicit: str) -> Path:
+    """The checkpoint to resume: `explicit` if it is a path, else the newest one of the newest run."""
+    if explicit != "latest":
+        path = Path(explicit)
+        if not (path / "meta.json").is_file():
+            raise UserError(f"--resume_from_checkpoint {explicit}: not a complete checkpoint directory")
+        return path
+    runs = sorted(p for p in output_dir.iterdir() if p.is_dir() and ckpt.complete_checkpoints(p)) \
+        if output_dir.is_dir() else []
+    if not runs:
+        raise UserError(f"--resume_from_checkpoint: no checkpoint found under output_dir '{output_dir}'")
+    return ckpt.complete_checkpoints(runs[-1])[-1]
+
+
+def _run_dir(config: TrainConfig, resume: str | None, rank: int) -> tuple[Path, Path | None]:
+    def choose():
+        output_dir = Path(config.output_dir)
+        if resume:
+            checkpoint = _find_resume_checkpoint(output_dir, resume)
+            return str(checkpoint.parent.parent), str(checkpoint)
+        run = output_dir / time.strftime("%Y%m%d_%H-%M-%S")
+        suffix = 1
+        while run.exists():
+            run, suffix = output_dir / f"{time.strftime('%Y%m%d_%H-%M-%S')}_{suffix}", suffix + 1
+        return str(run), None
+
+    run_dir, checkpoint = run_on_zero(choose, rank)
+    return Path(run_dir), Path(checkpoint) if checkpoint else None
+
+
+def _optimizer(params, config: TrainConfig):
+    """torch-optimi Adam; Kahan summation is switched on automatically for low-precision parameters."""
+    from optimi import Adam
+
+    return Adam(params, lr=config.lr, betas=(config.beta1, config.beta2), eps=config.eps, weight_decay=0.0)
+
+
+def _deepspeed_config(config: TrainConfig) -> dict:
+    return {
+        "train_micro_batch_size_per_gpu": config.micro_batch_size,
+        "gradient_accumulation_steps": config.gradient_accumulation_steps,
+        "steps_per_print": 10**12,
+        "gradient_clipping": 0.0,
+        "zero_optimization": {"stage": 0},
+        "wall_clock_breakdown": False,
+    }
+
+
+def _factor_triples(module, mode: str) -> list:
+    """(A, B, s) with W = s B A for every adapter of this stage (symmetric adapters as Q^T, Q diag(e^S - 1), 1)."""
+    from craft.adapters import control_adapters, lora_factor_pairs
+
+    if mode == "control":
+        return [adapter.factors() for adapter in control_adapters(module)]
+    return lora_factor_pairs(module) if mode == "lora" else []
+
+
+def _post_step(module, config: TrainConfig, lr: float, mode: str) -> list[float]:
+    """Decoupled regularisation after the Adam step: composite weight decay (returns ||Delta W||_F per decayed
+    pair) and, for symmetric Control Adapters, the orthogonality step."""
+    from craft.adapters import composite_weight_decay_, control_adapter_factor_pairs, lora_factor_pairs
+    from craft.adapters import orthogonality_step_
+
+    if mode == "full":
+        return []
+    from craft.adapters import regularizers
+
+    pairs = control_adapter_factor_pairs(module) if mode == "control" else lora_factor_pairs(module)
+    # craft.adapters keys its "last decay" record by parameter in a WeakKeyDictionary, whose lookup compares
+    # tensors with `==` and raises on a parameter's second update; the record is not used here (the amounts are
+    # returned), so it is emptied before each call.
+    regularizers._LAST_DECAY.clear()
+    amounts = composite_weight_decay_(pairs, lr, config.lora_weight_decay)
+    if mode == "control" and config.control_adapter_type == "symmetric":
+        orthogonality_step_(module, config.control_adapter_gamma)
+    return amounts
+
+
+@torch.no_grad()
+def _frobenius_norms(triples) -> list[float]:
+    """||s B A||_F of each triple, as |s| sqrt(trace((B^T B)(A A^T))): r x r work only."""
+    norms = []
+    for a, b, s in triples:
+        a, b = a.detach().float(), b.detach().float()
+        norms.append(abs(s) * float(torch.trace((b.T @ b) @ (a @ a.T)).clamp_min(0).sqrt()))
+    return norms
+
+
+def _combine(parts: list[dict], replicas: int, accumulation: int) -> dict:
+    """Global adapter norm / decay averages and maxima over all ranks (replicas hold identical copies, so
+    averages are unchanged by counting each once per replica), and the aux loss per micro-batch."""
+    out = {"train/aux_loss": sum(p["aux"] for p in parts) / (replicas * accumulation)}
+    for key in ("norm", "weight_decay"):
+        values = [v for p in parts for v in p[key]]
+        if values:
+            out[f"train/{key}_avg"] = sum(values) / len(values)
+            out[f"train/{key}_max"] = max(values)
+    return out
+
+
+class RunLog:
+    """Rank 0's outputs: TensorBoard scalars, `losses.jsonl`, the progress bar."""
+
+    def __init__(self, run_dir: Path, enabled: bool, total_steps: int, start_step: int, show_progress: bool):
+        self.enabled = enabled
+        self.writer = self.bar = self.lines = None
+        if not enabled:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+        from tqdm.auto import tqdm
+
+        self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+        self.lines = open(run_dir / "losses.jsonl", "a", encoding="utf-8")
+        self.bar = tqdm(total=total_steps, initial=start_step, disable=not show_progress, unit="step",
+                        dynamic_ncols=True)
+
+    def scalars(self, step: int, values: dict) -> None:
+        if not self.enabled:
+            return
+        for tag, value in values.items():
+            self.writer.add_scalar(tag, value, step)
+        record = {"step": step, **{k.replace("/", "_"): v for k, v in values.items()}}
+        self.lines.write(json.dumps(record) + "\n")
+        self.lines.flush()
+        os.fsync(self.lines.fileno())
+
+    def advance(self, loss: float, tokens_per_second: float) -> None:
+        if self.enabled:
+            self.bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_second:.0f}")
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.bar.close()
+            self.writer.close()
+            self.lines.close()
+
+
+def _evaluate(engine, batches: MicroBatches) -> float | None:
+    if batches.steps == 0:
+        return None
+    iterator = batches.iterate(epoch=0)
+    losses = [float(engine.eval_batch(iterator, num_micro_batches=batches.accumulation))
+              for _ in range(batches.steps)]
+    return sum(losses) / len(losses)
+
+
+def train(config: TrainConfig, resume: str | None = None, show_progress: bool = True) -> dict:
+    """Run (or resume) the training described by `config` in this process's place in the world; returns the
+    summary (on every rank)."""
+    import deepspeed
+    from transformers import AutoTokenizer
+
+    _quiet_deepspeed()
+    read_hf_config(config.model_dir, config.sequence_len)  # fail early, before anything is written
+    rank, world = init_distributed()
+    topology = make_topology(config.pipeline_stages, world, config.use_column_major_topology)
+    stage_index, replica = stage_and_replica(topology, rank)
+    replicas = world // config.pipeline_stages
+    tokenizer = AutoTokenizer.from_pretrained(config.model_dir)
+    train_rows, eval_rows = load_or_build(config, tokenizer, rank)
+    train_batches = MicroBatches(train_rows, config.micro_batch_size, config.gradient_accumulation_steps,
+                                 replicas, replica, config.seed)
+    eval_batches = MicroBatches(eval_rows, config.micro_batch_size, config.eval_accumulation_steps, replicas,
+                                replica, config.seed, shuffle=False)
+    if train_batches.steps == 0:
+        raise UserError(f"{len(train_rows)} training sequences are too few for one optimizer step of "
+                        f"micro_batch_size x gradient_accumulation_steps x replicas = "
+                        f"{config.micro_batch_size * config.gradient_accumulation_steps * replicas}")
+    total_steps = train_batches.steps * config.epochs
+    if config.max_steps is not None:
+        total_steps = min(total_steps, config.max_steps)
+
+    stage = load_stage(config, stage_index, config.pipeline_stages)
+    num_adapters = len(config.layer_indices(stage.num_layers) or range(stage.num_layers))
+    meter = AuxLossMeter(1.0 / config.gradient_accumulation_steps, num_adapters)
+    module = build_pipeline_module(stage, config.pipeline_stages, topology, meter, config.seed)
+    optimizer = _optimizer([p for p in module.parameters() if p.requires_grad], config)
+    engine, optimizer, _, _ = deepspeed.initialize(model=module, optimizer=optimizer,
+                                                   config=_deepspeed_config(config))
+    run_dir, resume_from = _run_dir(config, resume, rank)
+    layout = {"world_size": world, "pipeline_stages": config.pipeline_stages,
+              "column_major": config.use_column_major_topology}
+    progress = Progress()
+    if resume_from is not None:
+        meta = ckpt.load_checkpoint(resume_from, rank, module, optimizer, layout)
+        progress = Progress(**{k: meta[k] for k in ("step", "epoch", "step_in_epoch", "tokens")})
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        ckpt.remove_partial_checkpoints(run_dir)
+        (run_dir / "config.json").write_text(config.model_dump_json(indent=2))
+    barrier()
+
+    log = RunLog(run_dir, rank == 0, total_steps, progress.step, show_progress)
+    evals = eval_schedule(total_steps, config.evals_per_run)
+    tokens_per_step = train_batches.tokens_per_step()
+    started = last_checkpoint = time.monotonic()
+    last_loss = last_eval = None
+    output = run_dir / f"epoch{progress.epoch + 1}"
+
+    def checkpoint_now() -> None:
+        meta = {"step": progress.step, "epoch": progress.epoch, "step_in_epoch": progress.step_in_epoch,
+                "tokens": progress.tokens, "layout": layout}
+        ckpt.save_checkpoint(run_dir, progress.step, rank, module, optimizer, meta, config.max_checkpoints)
+
+    while progress.step < total_steps:
+        batches = train_batches.iterate(progress.epoch, progress.step_in_epoch)
+        while progress.step_in_epoch < train_batches.steps and progress.step < total_steps:
+            if progress.step in evals:
+                last_eval = _evaluate(engine, eval_batches)
+                if last_eval is not None:
+                    log.scalars(progress.step, {"eval/loss": last_eval})
+            lr = lr_at(progress.step, total_steps, config)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            tick = time.perf_counter()
+            last_loss = float(engine.train_batch(batches))
+            decays = _post_step(module, config, lr, stage.mode)
+            norms = _frobenius_norms(_factor_triples(module, stage.mode))
+            parts = all_gather({"norm": norms, "weight_decay": decays, "aux": meter.pop()})
+            progress.step += 1
+            progress.step_in_epoch += 1
+            progress.tokens += tokens_per_step
+            tokens_per_second = tokens_per_step / max(1e-9, time.perf_counter() - tick)
+            values = {"train/loss": last_loss, "train/lr": lr, "train/tokens_per_second": tokens_per_second,
+                      **_combine(parts, replicas, config.gradient_accumulation_steps)}
+            log.scalars(progress.step, values)
+            log.advance(last_loss, tokens_per_second)
+            due = broadcast_from_zero(time.monotonic() - last_checkpoint >= config.checkpoint_interval_hours * 3600)
+            epoch_done = progress.step_in_epoch == train_batches.steps or progress.step == total_steps
+            if due and not epoch_done:
+                checkpoint_now()
+                last_checkpoint = time.monotonic()
+            if epoch_done:
+                output = run_dir / f"epoch{progress.epoch + 1}"
+                save_epoch_output(stage, output, replica)
+                if progress.step_in_epoch == train_batches.steps:
+                    progress.epoch, progress.step_in_epoch = progress.epoch + 1, 0
+                checkpoint_now()
+                last_checkpoint = time.monotonic()
+            if os.environ.get("CRAFT_KILL_AT_STEP") == str(progress.step):
+                os.kill(os.getpid(), signal.SIGKILL)
+    if total_steps in evals:
+        last_eval = _evaluate(engine, eval_batches)
+        if last_eval is not None:
+            log.scalars(progress.step, {"eval/loss": last_eval})
+    log.close()
+    summary = {"run_dir": str(run_dir), "steps": progress.step, "tokens": progress.tokens,
+               "seconds": time.monotonic() - started, "final_train_loss": last_loss, "final_eval_loss": last_eval,
+               "output": str(output), "mode": stage.mode}
+    barrier()
+    return summary
