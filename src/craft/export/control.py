@@ -26,11 +26,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
-
 from craft.adapters.families import FAMILIES, FamilyFacts
 from craft.errors import UserError
-from craft.export.checkpoint import BaseCheckpoint, read_json
+from craft.export.checkpoint import BaseCheckpoint
 from craft.export.lora import LowRankUpdate
 
 _GEMMA_NORM_OFFSET = 1.0  # Gemma RMSNorm multiplies by (1 + weight)
@@ -62,28 +60,36 @@ class ControlAdapterFile:
 
 
 def read_control_adapter_file(adapter_dir: str | Path) -> ControlAdapterFile:
-    """Load a Control Adapter directory (`adapter_config.json` + `adapter_model.safetensors`), validated."""
-    adapter_dir = Path(adapter_dir)
-    if not adapter_dir.is_dir():
-        raise UserError(f"adapter directory {adapter_dir} does not exist")
-    config = read_json(adapter_dir / "adapter_config.json", "not an adapter directory (no adapter_config.json)")
-    if config.get("adapter_type") != "control_adapter":
-        raise UserError(f"{adapter_dir / 'adapter_config.json'} is not a Control Adapter "
-                        f"(adapter_type={config.get('adapter_type')!r})")
-    weights = adapter_dir / "adapter_model.safetensors"
-    if not weights.is_file():
-        raise UserError(f"{weights} not found")
+    """Load and validate a saved Control Adapter (via `craft.adapters.read_control_adapter`), grouped by layer."""
+    from craft.adapters import read_control_adapter
+
+    config, tensors = read_control_adapter(adapter_dir)
     layers: dict[int, dict[str, torch.Tensor]] = {}
-    for key, tensor in load_file(weights).items():
+    for key, tensor in tensors.items():  # layers.{i}.control_{A,B,Q,S}
         prefix, _, factor = key.rpartition(".control_")
-        if not prefix.startswith("layers.") or factor not in ("A", "B", "Q", "S"):
-            raise UserError(f"{weights}: unexpected tensor {key!r} (expected layers.<i>.control_<A|B|Q|S>)")
         layers.setdefault(int(prefix.split(".")[1]), {})[factor] = tensor
-    if not layers:
-        raise UserError(f"{weights} holds no Control Adapter tensors")
-    adapter = ControlAdapterFile(adapter_dir, config, dict(sorted(layers.items())))
+    adapter = ControlAdapterFile(Path(adapter_dir), config, dict(sorted(layers.items())))
     adapter.family  # noqa: B018 -- validates model_type early
     return adapter
+
+
+def adapter_modules(adapter: ControlAdapterFile) -> dict[int, torch.nn.Module]:
+    """Per layer, the adapter's own `ControlAdapter` module (float64, eval) holding the saved factors."""
+    from craft.adapters import ControlAdapter, config_from_saved
+
+    config = config_from_saved({**adapter.config, "dtype": "float32", "dropout": 0.0})
+    hidden = int(adapter.config["hidden_size"])
+    modules = {}
+    with torch.random.fork_rng(devices=[]):  # the module's random init must not disturb the caller's RNG
+        for layer, tensors in adapter.layers.items():
+            module = ControlAdapter(hidden, config, layer).double().eval()
+            try:
+                module.load_state_dict({name: t.double() for name, t in tensors.items()})
+            except RuntimeError as err:
+                raise UserError(f"{adapter.path}: layer {layer} factors do not match the config "
+                                f"(type {config.type}, rank {config.rank}, hidden {hidden}): {err}") from None
+            modules[layer] = module
+    return modules
 
 
 def transforms(adapter: ControlAdapterFile, direction: int, strength: float) -> dict[int, LowRankUpdate]:
@@ -92,24 +98,12 @@ def transforms(adapter: ControlAdapterFile, direction: int, strength: float) -> 
     The factors come from the adapter's own `ControlAdapter.effective_factors`, so conversion follows exactly the
     forward the adapter was trained with (Woodbury or Neumann inverse, strength scaling W -> X·W).
     """
-    from craft.adapters.config import ControlAdapterConfig
-    from craft.adapters.layer import ControlAdapter
-
     if direction not in (1, -1):
         raise UserError(f"--direction must be 1 or -1, got {direction}")
-    config = ControlAdapterConfig.from_dict({**adapter.config, "dtype": "float32", "dropout": 0.0})
-    hidden = int(adapter.config["hidden_size"])
     updates = {}
-    with torch.random.fork_rng(devices=[]):  # the module's random init must not disturb the caller's RNG
-        for layer, tensors in adapter.layers.items():
-            module = ControlAdapter(hidden, config, layer).double()
-            try:
-                module.load_state_dict({name: t.double() for name, t in tensors.items()})
-            except RuntimeError as err:
-                raise UserError(f"{adapter.path}: layer {layer} factors do not match the config "
-                                f"(type {config.type}, rank {config.rank}, hidden {hidden}): {err}") from None
-            with torch.no_grad():
-                a, b, s = module.effective_factors(direction, strength)
+    with torch.no_grad():
+        for layer, module in adapter_modules(adapter).items():
+            a, b, s = module.effective_factors(direction, strength)
             updates[layer] = LowRankUpdate(a, b, float(s), left=True)
     return updates
 

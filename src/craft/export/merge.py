@@ -1,0 +1,99 @@
+"""`craft merge BASE_DIR ADAPTER_DIR OUT_DIR`: bake a LoRA or a Control Adapter into the base weights, shard by shard.
+
+Accepted adapters: a PEFT LoRA (`W' = W + scale·B·A`), a Control Adapter (converted on the fly: each residual
+projection P becomes `T·P`, see `craft.export.control`; `--direction` / `--strength` as in `craft convert`), or a
+multiplicative LoRA written by `craft convert --mode multiplicative` (`W' = W + scale·B·A·W`, needs
+`--multiplicative`).
+
+Memory: one shard at a time, and within a shard one tensor at a time — each tensor is read with `safe_open`,
+updated in float32, cast back to its dtype and streamed to the output file (`checkpoint.write_safetensors`), so the
+peak is about one shard's mapped pages plus one tensor, never the model. Shard names and the index json are
+kept; every other top-level file of the base (config, generation config, tokenizer, chat template, ...) is copied.
+The output is written to a temporary sibling directory and renamed into place when complete; a non-empty OUT_DIR
+is refused unless `--force`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+from pathlib import Path
+
+from safetensors import safe_open
+
+from craft.errors import UserError
+from craft.export.checkpoint import BaseCheckpoint, shard_entries, write_safetensors
+from craft.export.control import projection_updates, read_control_adapter_file
+from craft.export.lora import LowRankUpdate, adapter_kind, read_lora
+from craft.export.output import staged_directory
+
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("base_dir", help="base model directory (safetensors, optionally sharded)")
+    parser.add_argument("adapter_dir", help="PEFT LoRA, Control Adapter, or multiplicative LoRA directory")
+    parser.add_argument("out_dir", help="output model directory")
+    parser.add_argument("--multiplicative", action="store_true",
+                        help="the adapter is a multiplicative LoRA (craft convert --mode multiplicative)")
+    parser.add_argument("--direction", type=int, choices=(1, -1), default=1,
+                        help="Control Adapters: merge the class +1 transform or its inverse (class -1)")
+    parser.add_argument("--strength", type=float, default=1.0, help="Control Adapters: W -> X*W")
+    parser.add_argument("--force", action="store_true", help="replace a non-empty OUT_DIR")
+
+
+def run(args: argparse.Namespace) -> int:
+    merged = merge(args.base_dir, args.adapter_dir, args.out_dir, multiplicative=args.multiplicative,
+                   direction=args.direction, strength=args.strength, force=args.force)
+    print(f"merged {args.adapter_dir} into {merged} tensors of {args.base_dir}; wrote {args.out_dir}")
+    return 0
+
+
+def load_updates(base: BaseCheckpoint, adapter_dir: str | Path, multiplicative: bool = False, direction: int = 1,
+                 strength: float = 1.0) -> dict[str, LowRankUpdate]:
+    """The adapter's updates keyed by in-memory base tensor name, whatever kind of adapter it is."""
+    kind, _ = adapter_kind(adapter_dir)
+    if kind == "multiplicative" and not multiplicative:
+        raise UserError(f"{adapter_dir} is a multiplicative LoRA; merge it with --multiplicative")
+    if kind == "lora" and multiplicative:
+        raise UserError(f"{adapter_dir} is an additive PEFT LoRA; --multiplicative applies to multiplicative LoRAs "
+                        "(craft convert --mode multiplicative)")
+    if kind != "control":
+        return read_lora(adapter_dir)
+    adapter = read_control_adapter_file(adapter_dir)
+    if not adapter.exact:
+        print("note: this Control Adapter is not exactly representable on the projections (block target on a "
+              "sequential block, or a norm after the sublayer); `craft convert` measures the error of this merge")
+    return projection_updates(adapter, base, direction, strength)
+
+
+def merge(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path, multiplicative: bool = False,
+          direction: int = 1, strength: float = 1.0, force: bool = False) -> int:
+    """Write the merged model to `out_dir`; returns the number of stored tensors that changed."""
+    base = BaseCheckpoint.open(base_dir)
+    if Path(out_dir).resolve() == base.path.resolve():
+        raise UserError(f"output {out_dir} is the base model directory; choose another OUT_DIR")
+    updates = load_updates(base, adapter_dir, multiplicative, direction, strength)
+    plan: dict[str, list[LowRankUpdate]] = {}
+    for name, update in updates.items():
+        for piece in base.locate(name):
+            plan.setdefault(piece.key, []).append(update.piece(piece.expert, piece.rows))
+    with staged_directory(out_dir, force) as staging:
+        for item in base.path.iterdir():
+            if item.is_file() and not item.name.endswith(_WEIGHT_SUFFIXES):
+                shutil.copy2(item, staging / item.name)
+        for shard in base.shards:
+            _merge_shard(base.path / shard, staging / shard, plan)
+    return len(plan)
+
+
+def _merge_shard(source: Path, target: Path, plan: dict[str, list[LowRankUpdate]]) -> None:
+    entries, metadata = shard_entries(source)
+    with safe_open(source, "pt") as handle:
+        def produce(key):
+            tensor = handle.get_tensor(key)
+            for update in plan.get(key, ()):
+                tensor = update.apply(tensor)
+            return tensor
+
+        write_safetensors(target, entries, produce, metadata)
