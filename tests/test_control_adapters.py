@@ -9,15 +9,19 @@ from craft.errors import UserError
 HIDDEN = 16
 
 
-def randomize_adapters(module, seed=0, std=0.3):
-    """Give every Control Adapter in `module` random non-zero weights (W far from 0 but ||W||_2 well below 1)."""
+def randomize_adapters(module, seed=0, spectral_norm=0.5):
+    """Give every Control Adapter in `module` random non-zero weights with ||W||_2 = `spectral_norm` (lowrank) or
+    S ~ N(0, 0.3^2) with an orthonormal Q (symmetric)."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for adapter in control_adapters(module):
             for param in adapter.parameters():
-                param.copy_(torch.randn(param.shape, generator=generator, dtype=torch.float64).to(param.dtype) * std)
-            if adapter.type == "symmetric":  # keep Q orthonormal so W = Q diag(exp(S)-1) Q^T has known spectrum
+                param.copy_(torch.randn(param.shape, generator=generator, dtype=torch.float64).to(param.dtype) * 0.3)
+            if adapter.type == "symmetric":
                 adapter.Q.copy_(torch.linalg.qr(adapter.Q.double())[0].to(adapter.Q.dtype))
+            else:
+                norm = torch.linalg.matrix_norm(adapter.weight_matrix().double(), ord=2)
+                adapter.B.mul_(spectral_norm / norm.item())
 
 
 def make_adapter(seed=0, dtype=torch.float64, **overrides):

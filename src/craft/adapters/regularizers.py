@@ -14,15 +14,15 @@ lambda * 1/2 ||W||_F^2, both gradients taken at the same old W:
 from __future__ import annotations
 
 import warnings
-import weakref
 
 import torch
 
 from .layer import ControlAdapter
 from .model import control_adapters
 
-# Last decay amount ||Delta W||_F per factor pair, keyed by the pair's A parameter (kept only while it lives).
-_LAST_DECAY: "weakref.WeakKeyDictionary[torch.Tensor, float]" = weakref.WeakKeyDictionary()
+# The last decay amount ||Delta W||_F of a factor pair is kept as this attribute of its A tensor (identity-bound,
+# lives exactly as long as the parameter).
+_LAST_DECAY_ATTRIBUTE = "_craft_last_composite_decay"
 
 
 def lora_factor_pairs(model: torch.nn.Module) -> list[tuple[torch.Tensor, torch.Tensor, float]]:
@@ -72,7 +72,7 @@ def composite_weight_decay_(pairs, lr: float, weight_decay: float) -> list[float
         amount = float(abs(s) * _lowrank_frobenius(left, right))
         a.sub_(step * grad_a)
         b.sub_(step * grad_b)
-        _LAST_DECAY[a] = amount
+        setattr(a, _LAST_DECAY_ATTRIBUTE, amount)
         amounts.append(amount)
     if skipped:
         warnings.warn(f"composite weight decay skipped for {skipped} adapter factor pair(s) that are not float32 "
@@ -134,7 +134,7 @@ def adapter_stats(model: torch.nn.Module) -> dict[str, float]:
     spectral = [spectral_norm(a, b, s * k) for (a, b, s), k in zip(triples, strengths)]
     stats = {"norm_avg": sum(norms) / len(norms), "norm_max": max(norms), "spectral_norm_max": max(spectral)}
     decay_keys = [a.A for a in adapters if a.type == "lowrank"] if adapters else [a for a, _, _ in triples]
-    decays = [_LAST_DECAY[k] for k in decay_keys if k in _LAST_DECAY]
+    decays = [getattr(k, _LAST_DECAY_ATTRIBUTE) for k in decay_keys if hasattr(k, _LAST_DECAY_ATTRIBUTE)]
     if decays:
         stats["weight_decay_avg"] = sum(decays) / len(decays)
         stats["weight_decay_max"] = max(decays)
