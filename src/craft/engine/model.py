@@ -201,12 +201,23 @@ def _seeded_normal_(param: torch.Tensor, seed: int, name: str, std: float) -> No
         param.copy_(values.to(param.dtype))
 
 
+def linear_module_names(base: nn.Module) -> list[str]:
+    """Names (last component) of the linear maps inside the decoder layers: LoRA's default targets."""
+    import bitsandbytes as bnb
+
+    kinds = (nn.Linear, bnb.nn.Linear4bit)
+    return sorted({name.rsplit(".", 1)[-1] for name, module in base.model.layers.named_modules()
+                   if isinstance(module, kinds)})
+
+
 def _add_lora(base: nn.Module, config: TrainConfig, layers: list[int] | None, owned_names: list[str]) -> nn.Module:
+    """PEFT LoRA on `target_modules` (default: every linear map of the decoder layers) of `layers`; factors
+    initialised per parameter name (A ~ N(0, 1/(3 fan_in)), B = 0) so the split into stages does not matter."""
     from peft import LoraConfig, get_peft_model
 
     lora_config = LoraConfig(
         r=config.lora_rank, lora_alpha=config.alpha, lora_dropout=config.lora_dropout,
-        target_modules=config.target_modules or "all-linear", layers_to_transform=layers,
+        target_modules=config.target_modules or linear_module_names(base), layers_to_transform=layers,
         layers_pattern="layers" if layers is not None else None, bias="none", task_type="CAUSAL_LM")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -148,13 +148,7 @@ def _post_step(module, config: TrainConfig, lr: float, mode: str) -> list[float]
 
     if mode == "full":
         return []
-    from craft.adapters import regularizers
-
     pairs = control_adapter_factor_pairs(module) if mode == "control" else lora_factor_pairs(module)
-    # craft.adapters keys its "last decay" record by parameter in a WeakKeyDictionary, whose lookup compares
-    # tensors with `==` and raises on a parameter's second update; the record is not used here (the amounts are
-    # returned), so it is emptied before each call.
-    regularizers._LAST_DECAY.clear()
     amounts = composite_weight_decay_(pairs, lr, config.lora_weight_decay)
     if mode == "control" and config.control_adapter_type == "symmetric":
         orthogonality_step_(module, config.control_adapter_gamma)
