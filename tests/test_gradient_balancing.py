@@ -1,0 +1,131 @@
+"""Gradient balancing: each strategy's weights against a hand-computed example; PCGrad against its formula."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from craft.errors import UserError
+from craft.gradient_balancing import (
+    GradNormBalancer,
+    LossScaleBalancer,
+    UncertaintyBalancer,
+    make_balancer,
+    pcgrad,
+)
+
+
+def test_loss_scale_divides_by_the_running_mean():
+    balancer = LossScaleBalancer(2, momentum=0.5)
+    assert balancer.weight(0) == 1.0  # nothing seen yet
+    balancer.observe(0, 2.0)
+    assert balancer.weight(0) == pytest.approx(0.5)  # m = 2
+    balancer.observe(0, torch.tensor(4.0))
+    assert balancer.weight(0) == pytest.approx(1 / 3)  # m = 0.5 * 2 + 0.5 * 4 = 3
+    balancer.observe(0, float("nan"))  # ignored
+    assert balancer.weight(0) == pytest.approx(1 / 3)
+    balancer.observe(1, 0.25)
+    assert balancer.weight(1) == pytest.approx(4.0)
+    restored = LossScaleBalancer(2)
+    restored.load_state_dict(balancer.state_dict())
+    assert restored.weight(0) == pytest.approx(1 / 3) and restored.momentum == 0.5
+
+
+def test_uncertainty_objective_and_gradients_by_hand():
+    balancer = UncertaintyBalancer(2)
+    with torch.no_grad():
+        balancer.log_variance.copy_(torch.tensor([0.5, -0.2]))
+    losses = [torch.tensor(2.0), torch.tensor(0.7)]
+    objective = balancer.objective(losses, [0.6, 0.4])
+    expected = 0.6 * (math.exp(-0.5) * 2.0 + 0.5) + 0.4 * (math.exp(0.2) * 0.7 - 0.2)
+    assert float(objective.detach()) == pytest.approx(expected, rel=1e-6)
+    objective.backward()
+    expected_grad = [0.6 * (1 - math.exp(-0.5) * 2.0), 0.4 * (1 - math.exp(0.2) * 0.7)]
+    assert balancer.log_variance.grad.tolist() == pytest.approx(expected_grad, rel=1e-6)
+    assert float(balancer.weight(0)) == pytest.approx(math.exp(-0.5))
+
+
+def test_uncertainty_task_objective_sums_over_units():
+    """A micro-batch holding `units` items: d/ds (exp(-s) loss + s units) = units - exp(-s) loss."""
+    balancer = UncertaintyBalancer(2)
+    term = balancer.task_objective(1, torch.tensor(6.0), units=3)
+    term.backward()
+    assert float(term.detach()) == pytest.approx(6.0)
+    assert float(balancer.log_variance.grad[1]) == pytest.approx(3 - 6.0)
+
+
+def test_uncertainty_log_variances_converge_to_log_loss():
+    balancer = UncertaintyBalancer(2)
+    optimizer = torch.optim.SGD(balancer.parameters(), lr=0.1)
+    for _ in range(500):
+        optimizer.zero_grad()
+        balancer.objective([torch.tensor(3.0), torch.tensor(0.5)], [0.6, 0.4]).backward()
+        optimizer.step()
+    assert balancer.log_variance.tolist() == pytest.approx([math.log(3.0), math.log(0.5)], abs=1e-3)
+
+
+def test_gradnorm_update_by_hand():
+    balancer = GradNormBalancer(2, asymmetry=1.5, lr=0.1)
+    # step 1: L(0) = L = [1, 1] -> r = [1, 1]; G = [2, 1]; Gbar = 1.5; target [1.5, 1.5];
+    # grad = sign(G - target) * n = [2, -1]; w = [0.8, 1.1]; renormalised to sum 2: [1.6/1.9, 2.2/1.9]
+    weights = balancer.update([1.0, 1.0], [2.0, 1.0])
+    assert weights.tolist() == pytest.approx([1.6 / 1.9, 2.2 / 1.9], rel=1e-9)
+    # step 2: L = [0.5, 0.9] -> relative [0.5, 0.9], r = [0.5/0.7, 0.9/0.7]; norms [2, 1]
+    w = [1.6 / 1.9, 2.2 / 1.9]
+    g = [w[0] * 2.0, w[1] * 1.0]
+    mean_g = (g[0] + g[1]) / 2
+    target = [mean_g * (0.5 / 0.7) ** 1.5, mean_g * (0.9 / 0.7) ** 1.5]
+    new = [w[i] - 0.1 * math.copysign(1.0, g[i] - target[i]) * [2.0, 1.0][i] for i in range(2)]
+    new = [2 * x / sum(new) for x in new]
+    assert balancer.update([0.5, 0.9], [2.0, 1.0]).tolist() == pytest.approx(new, rel=1e-9)
+    assert sum(balancer.weights.tolist()) == pytest.approx(2.0)
+    restored = GradNormBalancer(2)
+    restored.load_state_dict(balancer.state_dict())
+    assert restored.weights.tolist() == balancer.weights.tolist()
+    assert restored.initial_losses.tolist() == [1.0, 1.0]
+
+
+def test_pcgrad_two_conflicting_tasks_by_hand():
+    g1, g2 = torch.tensor([1.0, 0.0]), torch.tensor([-1.0, 1.0])
+    # g1 . g2 = -1 < 0: g1' = g1 - (-1 / 2) g2 = [0.5, 0.5]; g2' = g2 - (-1 / 1) g1 = [0, 1]
+    assert pcgrad([g1, g2]).tolist() == pytest.approx([0.5, 1.5])
+    projected_1 = torch.tensor([0.5, 0.5])
+    assert float(projected_1 @ g2) == pytest.approx(0.0)  # the conflicting component is removed
+
+
+def test_pcgrad_leaves_agreeing_tasks_alone():
+    g1, g2 = torch.tensor([1.0, 0.0, 2.0]), torch.tensor([1.0, 1.0, -0.2])
+    assert pcgrad([g1, g2]).tolist() == pytest.approx((g1 + g2).tolist())
+
+
+def _project_in_order(grads, i, order):
+    current = grads[i].double()
+    for j in order:
+        dot = current @ grads[j].double()
+        if dot < 0:
+            current = current - dot / (grads[j].double() @ grads[j].double()) * grads[j].double()
+    return current
+
+
+def test_pcgrad_three_tasks_matches_the_formula_for_some_random_order():
+    grads = [torch.tensor(g, dtype=torch.float64) for g in ([1.0, 0.2, -0.5], [-0.8, 1.0, 0.1], [0.3, -1.0, 1.0])]
+    result = pcgrad(grads, generator=torch.Generator().manual_seed(3))
+    candidates = []
+    for orders in itertools.product(*[list(itertools.permutations([j for j in range(3) if j != i]))
+                                      for i in range(3)]):
+        candidates.append(sum(_project_in_order(grads, i, order) for i, order in enumerate(orders)))
+    distances = sorted(float((result - c).abs().max()) for c in candidates)
+    assert distances[0] < 1e-12
+    assert distances[-1] > 1e-3  # the order matters for these gradients: the check is not vacuous
+
+
+def test_make_balancer():
+    assert isinstance(make_balancer("loss_scale"), LossScaleBalancer)
+    assert isinstance(make_balancer("uncertainty"), UncertaintyBalancer)
+    assert isinstance(make_balancer("gradnorm"), GradNormBalancer)
+    assert make_balancer("none") is None and make_balancer("pcgrad") is None
+    with pytest.raises(UserError, match="craft_gradient_balancing"):
+        make_balancer("magic")
