@@ -104,7 +104,7 @@ def transforms(adapter: ControlAdapterFile, direction: int, strength: float) -> 
     with torch.no_grad():
         for layer, module in adapter_modules(adapter).items():
             a, b, s = module.effective_factors(direction, strength)
-            updates[layer] = LowRankUpdate(a, b, float(s), left=True)
+            updates[layer] = LowRankUpdate(a.detach().clone(), b.detach().clone(), float(s), left=True)
     return updates
 
 

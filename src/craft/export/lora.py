@@ -154,6 +154,10 @@ def read_lora(adapter_dir: str | Path) -> dict[str, LowRankUpdate]:
     factors: dict[str, dict[str, torch.Tensor]] = {}
     with safe_open(weights_path, "pt") as handle:
         for key in handle.keys():
+            if key.endswith(".base_layer.weight"):
+                # PEFT's copy of an adapted embedding / lm_head base weight (save_embedding_layers); the merge
+                # uses the base model's own tensor, and a shape mismatch with it is reported there.
+                continue
             match = re.fullmatch(r"(?:base_model\.model\.)?(.+)\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B)"
                                  r"(?:\.weight)?", key)
             if match is None:

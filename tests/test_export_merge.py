@@ -1,0 +1,97 @@
+"""`craft merge`: shard-by-shard merging of LoRAs and Control Adapters; the merged model equals the adapted one."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from craft.cli import main
+from test_export_fixtures import (adapter_logits, load_base, make_control_adapter, make_lora, plain_logits,
+                                  probe_ids)
+from craft.testing import save_tiny_model
+
+
+def _peft_reference(peft_model):
+    with torch.no_grad():
+        return peft_model(input_ids=probe_ids()).logits
+
+
+def test_merge_lora_into_a_sharded_model(tmp_path):
+    base_dir = save_tiny_model(tmp_path / "base", "llama", max_shard_size="50KB")
+    shards = sorted(p.name for p in base_dir.glob("*.safetensors"))
+    assert len(shards) > 3
+    lora = make_lora(base_dir, tmp_path / "lora", ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                     "down_proj", "embed_tokens", "lm_head"],
+                     rank_pattern={"down_proj": 2}, alpha_pattern={"o_proj": 3})
+    assert main(["merge", str(base_dir), str(tmp_path / "lora"), str(tmp_path / "merged")]) == 0
+    merged = tmp_path / "merged"
+    assert sorted(p.name for p in merged.glob("*.safetensors")) == shards
+    for name in ("model.safetensors.index.json", "config.json", "generation_config.json", "tokenizer.json"):
+        assert (merged / name).read_bytes() == (base_dir / name).read_bytes()
+    torch.testing.assert_close(plain_logits(merged), _peft_reference(lora), atol=1e-4, rtol=0)
+
+
+def test_merge_rslora_in_bfloat16_keeps_dtype(tmp_path):
+    from safetensors import safe_open
+
+    base_dir = save_tiny_model(tmp_path / "base", "qwen2")
+    model = load_base(base_dir).to(torch.bfloat16)
+    model.save_pretrained(base_dir)
+    lora = make_lora(base_dir, tmp_path / "lora", ["o_proj", "down_proj"], use_rslora=True)
+    assert main(["merge", str(base_dir), str(tmp_path / "lora"), str(tmp_path / "merged")]) == 0
+    with safe_open(tmp_path / "merged" / "model.safetensors", "pt") as handle:
+        assert handle.get_tensor("model.layers.0.self_attn.o_proj.weight").dtype == torch.bfloat16
+    # reference in float32: base weights (bf16 values) + rsLoRA delta, rounded to bf16 once
+    lora_base = lora.get_base_model()
+    layer = lora_base.model.layers[1].mlp.down_proj
+    expected = (layer.base_layer.weight.float() + layer.get_delta_weight("default").float()).to(torch.bfloat16)
+    with safe_open(tmp_path / "merged" / "model.safetensors", "pt") as handle:
+        torch.testing.assert_close(handle.get_tensor("model.layers.1.mlp.down_proj.weight"), expected, atol=0, rtol=0)
+
+
+def test_merge_mixtral_expert_lora(tmp_path):
+    base_dir = save_tiny_model(tmp_path / "base", "mixtral", max_shard_size="50KB")
+    lora = make_lora(base_dir, tmp_path / "lora", ["o_proj"], target_parameters=["mlp.experts.down_proj"])
+    assert main(["merge", str(base_dir), str(tmp_path / "lora"), str(tmp_path / "merged")]) == 0
+    torch.testing.assert_close(plain_logits(tmp_path / "merged"), _peft_reference(lora), atol=1e-4, rtol=0)
+
+
+def test_merge_control_adapter_directly(tmp_path):
+    for family, kind in (("llama", "lowrank"), ("mixtral", "symmetric")):
+        base_dir, adapter_dir, model = make_control_adapter(tmp_path, family, type=kind, max_shard_size="50KB")
+        out = tmp_path / f"{family}-merged"
+        assert main(["merge", str(base_dir), str(adapter_dir), str(out), "--direction", "-1",
+                     "--strength", "1.5"]) == 0
+        torch.testing.assert_close(plain_logits(out), adapter_logits(model, -1, 1.5), atol=1e-4, rtol=0)
+
+
+def test_merge_refuses_to_overwrite_and_reports_user_errors(tmp_path, capsys):
+    base_dir = save_tiny_model(tmp_path / "base", "llama")
+    make_lora(base_dir, tmp_path / "lora", ["o_proj"])
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "model.safetensors").write_text("previous output")
+    argv = ["merge", str(base_dir), str(tmp_path / "lora"), str(out)]
+    assert main(argv) == 2 and "--force" in capsys.readouterr().err
+    assert (out / "model.safetensors").read_text() == "previous output"
+    assert not any(p.name.startswith(".out") for p in tmp_path.iterdir())
+    assert main([*argv, "--force"]) == 0
+    assert (out / "config.json").is_file()
+    failures = {
+        "does not exist": ["merge", str(tmp_path / "nope"), str(tmp_path / "lora"), str(tmp_path / "o1")],
+        "adapter_config.json": ["merge", str(base_dir), str(base_dir), str(tmp_path / "o2")],
+        "is the base model": ["merge", str(base_dir), str(tmp_path / "lora"), str(base_dir)],
+        "additive PEFT LoRA": ["merge", str(base_dir), str(tmp_path / "lora"), str(tmp_path / "o3"),
+                               "--multiplicative"],
+    }
+    for needle, argv in failures.items():
+        assert main(argv) == 2
+        assert needle in capsys.readouterr().err
+    other = save_tiny_model(tmp_path / "other", "qwen2", num_layers=1)
+    assert main(["merge", str(other), str(tmp_path / "lora"), str(tmp_path / "o4")]) == 2
+    assert "not in the base model" in capsys.readouterr().err
+    config = json.loads((base_dir / "config.json").read_text())
+    (base_dir / "config.json").write_text(json.dumps({**config, "model_type": "gpt2"}))
+    assert main(["merge", str(base_dir), str(tmp_path / "lora"), str(tmp_path / "o5")]) == 2
+    assert "gpt2" in capsys.readouterr().err
