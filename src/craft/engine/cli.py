@@ -26,9 +26,7 @@ def run(args: argparse.Namespace) -> int:
 
     config = load_config(args.config, args.overrides)
     summary = train(config, resume=args.resume_from_checkpoint, show_progress=not args.no_progress)
-    import torch.distributed as dist
-
-    if dist.get_rank() == 0:
+    if summary["rank"] == 0:
         print(format_summary(summary))
     return 0
 

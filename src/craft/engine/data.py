@@ -185,9 +185,11 @@ def load_or_build(config: TrainConfig, tokenizer, rank: int) -> tuple:
     Every rank calls this; the others wait for rank 0 and re-raise its `UserError`. The cache directory appears
     atomically (written under a temporary name, then renamed).
     """
-    from datasets import load_from_disk
+    from datasets import disable_progress_bars, load_from_disk
 
     from craft.engine.distributed import run_on_zero
+
+    disable_progress_bars()  # the run has its own progress bar
 
     def build() -> str:
         cache_dir = Path(config.output_dir) / "dataset_cache" / cache_key(config, Path(config.model_dir))

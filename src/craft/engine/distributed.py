@@ -14,6 +14,7 @@ travel between neighbours (PCIe/NVLink within a node) and only the small LoRA gr
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 
@@ -29,19 +30,34 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def init_distributed() -> tuple[int, int]:
-    """Initialise the default process group (once); returns (rank, world_size)."""
+@contextlib.contextmanager
+def distributed_world():
+    """Yields (rank, world_size) inside the default process group.
+
+    If no group exists yet, one is created (from the launcher's environment, or a world of one with the missing
+    variables filled in) and, on exit, destroyed and the environment restored — so a Python caller can run
+    `craft train` several times in one process without leaving a process group or env variables behind.
+    """
     import deepspeed
 
+    created, added = False, []
     if not dist.is_initialized():
-        defaults = {"MASTER_ADDR": "127.0.0.1", "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}
+        defaults = {"MASTER_ADDR": "127.0.0.1", "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0",
+                    "MASTER_PORT": None}
         for key, value in defaults.items():
-            os.environ.setdefault(key, value)
-        if "MASTER_PORT" not in os.environ:
-            os.environ["MASTER_PORT"] = str(_free_port())
+            if key not in os.environ:
+                os.environ[key] = value if value is not None else str(_free_port())
+                added.append(key)
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         deepspeed.init_distributed(dist_backend=backend, verbose=False)
-    return dist.get_rank(), dist.get_world_size()
+        created = True
+    try:
+        yield dist.get_rank(), dist.get_world_size()
+    finally:
+        if created:
+            dist.destroy_process_group()
+            for key in added:
+                os.environ.pop(key, None)
 
 
 def make_topology(num_stages: int, world_size: int, column_major: bool):

@@ -36,7 +36,7 @@ import torch
 from craft.engine import checkpoint as ckpt
 from craft.engine.config import TrainConfig
 from craft.engine.data import MicroBatches, load_or_build
-from craft.engine.distributed import (all_gather, barrier, broadcast_from_zero, init_distributed, make_topology,
+from craft.engine.distributed import (all_gather, barrier, broadcast_from_zero, distributed_world, make_topology,
                                       run_on_zero, stage_and_replica)
 from craft.engine.model import load_stage, read_hf_config
 from craft.engine.outputs import save_epoch_output
@@ -226,13 +226,18 @@ def _evaluate(engine, batches: MicroBatches) -> float | None:
 
 def train(config: TrainConfig, resume: str | None = None, show_progress: bool = True) -> dict:
     """Run (or resume) the training described by `config` in this process's place in the world; returns the
-    summary (on every rank)."""
+    summary (on every rank). `resume`: None, "latest", or a checkpoint directory."""
+    hf_config = read_hf_config(config.model_dir, config.sequence_len)  # fail early, before anything is written
+    config.layer_indices(hf_config.num_hidden_layers)
+    with distributed_world() as (rank, world):
+        return _train(config, resume, show_progress, rank, world)
+
+
+def _train(config: TrainConfig, resume: str | None, show_progress: bool, rank: int, world: int) -> dict:
     import deepspeed
     from transformers import AutoTokenizer
 
     _quiet_deepspeed()
-    read_hf_config(config.model_dir, config.sequence_len)  # fail early, before anything is written
-    rank, world = init_distributed()
     topology = make_topology(config.pipeline_stages, world, config.use_column_major_topology)
     stage_index, replica = stage_and_replica(topology, rank)
     replicas = world // config.pipeline_stages
@@ -326,6 +331,6 @@ def train(config: TrainConfig, resume: str | None = None, show_progress: bool = 
     log.close()
     summary = {"run_dir": str(run_dir), "steps": progress.step, "tokens": progress.tokens,
                "seconds": time.monotonic() - started, "final_train_loss": last_loss, "final_eval_loss": last_eval,
-               "output": str(output), "mode": stage.mode}
+               "output": str(output), "mode": stage.mode, "rank": rank}
     barrier()
     return summary
