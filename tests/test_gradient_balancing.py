@@ -45,7 +45,7 @@ def test_uncertainty_objective_and_gradients_by_hand():
     objective.backward()
     expected_grad = [0.6 * (1 - math.exp(-0.5) * 2.0), 0.4 * (1 - math.exp(0.2) * 0.7)]
     assert balancer.log_variance.grad.tolist() == pytest.approx(expected_grad, rel=1e-6)
-    assert float(balancer.weight(0)) == pytest.approx(math.exp(-0.5))
+    assert float(balancer.weight(0).detach()) == pytest.approx(math.exp(-0.5))
 
 
 def test_uncertainty_task_objective_sums_over_units():
