@@ -110,3 +110,25 @@ def test_gguf_user_errors(tmp_path, capsys):
     assert "--force" in capsys.readouterr().err and (tmp_path / "taken.gguf").read_bytes() == b"old"
     assert main(["export-gguf", str(tmp_path / "nothing"), str(tmp_path / "y.gguf")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_rotary_row_interleave_maps_half_split_rope_to_interleaved_rope():
+    """Why lora_b of q/k is permuted: with P the row reorder, P·rope_hf(q) = rope_interleaved(P·q)."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    from craft.export.gguf_export import interleave_rotary_rows
+
+    heads, dim, length = 3, 8, 5
+    q = torch.randn(1, heads, length, dim, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    angles = torch.arange(length, dtype=torch.float64)[:, None] / 10000 ** (torch.arange(0, dim, 2) / dim)
+    cos, sin = torch.cat([angles, angles], -1).cos()[None], torch.cat([angles, angles], -1).sin()[None]
+    rotated, _ = apply_rotary_pos_emb(q, q, cos, sin)
+
+    def as_rows(x):  # (1, heads, length, dim) -> (heads·dim, length), the layout of weight rows
+        return x[0].permute(0, 2, 1).reshape(heads * dim, length)
+
+    permuted = interleave_rotary_rows(as_rows(q), heads).reshape(heads, dim // 2, 2, length)
+    even, odd = permuted[:, :, 0], permuted[:, :, 1]
+    c, s = angles.T.cos()[None], angles.T.sin()[None]  # angle of pair j at each position: (1, dim/2, length)
+    interleaved = torch.stack([even * c - odd * s, odd * c + even * s], dim=2).reshape(heads * dim, length)
+    torch.testing.assert_close(interleave_rotary_rows(as_rows(rotated), heads), interleaved)

@@ -127,5 +127,11 @@ def rotary_permuted(base: BaseCheckpoint, name: str, lora_b: torch.Tensor) -> to
         heads = int(base.config.get("num_key_value_heads") or base.config["num_attention_heads"])
     else:
         return lora_b
-    rows = lora_b.shape[0]
-    return lora_b.reshape(heads, 2, rows // heads // 2, -1).transpose(1, 2).reshape(lora_b.shape)
+    return interleave_rotary_rows(lora_b, heads)
+
+
+def interleave_rotary_rows(matrix: torch.Tensor, heads: int) -> torch.Tensor:
+    """Rows of each head reordered from the half-split rotary layout (pairs (j, j + d/2), Hugging Face) to the
+    interleaved one (pairs (2j, 2j + 1), llama.cpp's `llama` rope): new row 2j + t = old row t·d/2 + j."""
+    rows = matrix.shape[0]
+    return matrix.reshape(heads, 2, rows // heads // 2, -1).transpose(1, 2).reshape(matrix.shape)
