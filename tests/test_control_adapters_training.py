@@ -182,3 +182,27 @@ def test_toy_steering_run_lowers_both_held_out_losses():
         crossed = {value: _loss(model, batch, -value).item() for value, batch in held.items()}
     assert steered[1] < base[1] - 0.1 and steered[-1] < base[-1] - 0.1, (base, steered)
     assert steered[1] < crossed[1] and steered[-1] < crossed[-1], (steered, crossed)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    classes = torch.tensor([[1, 1, 0, -1, 0, 0, 1, -1, -1, 0], [0, -1, 1, 1, 0, 1, -1, 0, 0, 1]])
+    grads = []
+    for checkpointing in (False, True):
+        model = adapted("llama", class0_lambda=LAMBDA0).train()
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        loss = model(INPUT_IDS, labels=INPUT_IDS, control_classes=classes, use_cache=False).loss
+        (loss + control_aux_loss(model)).backward()
+        grads.append([p.grad.clone() for a in control_adapters(model) for p in a.parameters()])
+    for plain, checkpointed in zip(*grads):
+        torch.testing.assert_close(checkpointed, plain, rtol=1e-5, atol=1e-7)
+
+
+def test_bfloat16_adapters_on_a_bfloat16_base():
+    model = add_control_adapters(tiny_model("llama", dtype=torch.bfloat16), ControlAdapterConfig(rank=4, dtype="bfloat16"))
+    assert torch.equal(model(INPUT_IDS).logits, tiny_model("llama", dtype=torch.bfloat16)(INPUT_IDS).logits)
+    randomize_adapters(model)
+    model(INPUT_IDS, labels=INPUT_IDS, control_classes=-1).loss.backward()
+    adapter = model.model.layers[0].control_adapter
+    assert adapter.A.dtype == torch.bfloat16 and adapter.B.grad.dtype == torch.bfloat16
+    assert adapter.B.grad.abs().max() > 0
