@@ -1,0 +1,122 @@
+"""The pipeline model equals the HF model: forward for every family, Control Adapters, aux-loss gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_engine_fixtures import write_model
+
+from craft.engine.config import TrainConfig
+from craft.engine.model import load_stage
+from craft.engine.pipeline import AuxLossMeter, causal_lm_loss, sequential_forward
+from craft.testing import FAMILIES
+
+
+def make_config(model_dir, **keys) -> TrainConfig:
+    settings = dict(model_dir=str(model_dir), output_dir="unused", lora_rank=4, lr=1e-3, sequence_len=32,
+                    model_dtype="float32", datasets=[{"dataset_path": "unused"}])
+    settings.update(keys)
+    return TrainConfig(**settings)
+
+
+def hf_model(model_dir):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+
+def token_batch(seed=0, batch=2, length=24):
+    return torch.randint(4, 384, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_forward_equals_hf_for_every_family(tmp_path, family):
+    model_dir = write_model(tmp_path / family, family)
+    stage = load_stage(make_config(model_dir, full_fine_tune=True, lora_rank=None), 0, 1)
+    ids = token_batch()
+    with torch.no_grad():
+        ours, reference = sequential_forward(stage, ids), hf_model(model_dir)(ids).logits
+    assert reference.abs().max() > 0.1
+    torch.testing.assert_close(ours, reference, atol=1e-5, rtol=1e-5)
+
+
+def test_sharded_checkpoint_and_stage_loading(tmp_path):
+    model_dir = tmp_path / "sharded"
+    from craft.testing import save_tiny_model
+
+    save_tiny_model(model_dir, "llama", max_shard_size="40KB")
+    assert (model_dir / "model.safetensors.index.json").is_file()
+    config = make_config(model_dir, full_fine_tune=True, lora_rank=None)
+    with torch.no_grad():
+        ours = sequential_forward(load_stage(config, 0, 1), token_batch())
+        torch.testing.assert_close(ours, hf_model(model_dir)(token_batch()).logits, atol=1e-5, rtol=1e-5)
+    # Two stages over [embed, layer0, layer1, head]: stage 0 reads only the embedding and layer 0.
+    first, second = load_stage(config, 0, 2), load_stage(config, 1, 2)
+    assert not first.base.model.layers[0].self_attn.q_proj.weight.is_meta
+    assert first.base.model.layers[1].self_attn.q_proj.weight.is_meta and first.base.lm_head.weight.is_meta
+    assert second.base.model.embed_tokens.weight.is_meta and not second.base.lm_head.weight.is_meta
+
+
+def test_lora_initialisation_does_not_depend_on_stages(tmp_path):
+    model_dir = write_model(tmp_path / "llama")
+    config = make_config(model_dir)
+    one = dict(load_stage(config, 0, 1).model.named_parameters())
+    two = dict(load_stage(config, 1, 2).model.named_parameters())
+    name = "base_model.model.model.layers.1.mlp.down_proj.lora_A.default.weight"
+    assert torch.equal(one[name], two[name]) and one[name].abs().sum() > 0
+
+
+def test_4bit_layers_are_quantized(tmp_path):
+    import bitsandbytes as bnb
+
+    model_dir = write_model(tmp_path / "llama")
+    stage = load_stage(make_config(model_dir, load_in_4bit=True), 0, 1)
+    q_proj = stage.base.model.layers[0].self_attn.q_proj
+    assert isinstance(q_proj.base_layer, bnb.nn.Linear4bit) and q_proj.base_layer.weight.dtype == torch.uint8
+    with torch.no_grad():
+        ours, reference = sequential_forward(stage, token_batch()), hf_model(model_dir)(token_batch()).logits
+    relative = (ours - reference).norm() / reference.norm()
+    assert 0 < relative < 0.3  # NF4 rounding error, not a different model
+
+
+def _copy_adapters(source, target):
+    from craft.adapters import control_adapters
+
+    for a, b in zip(control_adapters(source), control_adapters(target)):
+        b.load_state_dict(a.state_dict())
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_control_adapter_forward_and_aux_gradient_match_single_model(tmp_path, family):
+    """Pipeline items (classes passed along, aux attached per layer by AttachAuxLoss) give the same loss and the
+    same adapter gradients as the HF model with adapters: d(CE + mean-over-adapters aux)/d(adapter)."""
+    from craft.adapters import ControlAdapterConfig, add_control_adapters, control_adapters, control_aux_loss
+
+    model_dir = write_model(tmp_path / family, family)
+    config = make_config(model_dir, use_control_adapters=True, control_class0_lambda=0.5)
+    stage = load_stage(config, 0, 1)
+    torch.manual_seed(1)
+    for adapter in control_adapters(stage.base):
+        torch.nn.init.normal_(adapter.B, std=0.3)  # B = 0 would make the aux loss and its gradient vanish
+    reference = hf_model(model_dir)
+    add_control_adapters(reference, ControlAdapterConfig(rank=4, class0_lambda=0.5))
+    _copy_adapters(stage.base, reference)
+
+    ids = token_batch()
+    classes = torch.tensor([[1] * 8 + [0] * 8 + [-1] * 8, [0] * 12 + [1] * 12])
+    labels = ids.clone()
+    meter = AuxLossMeter(scale=1.0, num_adapters=stage.num_layers)
+    stage.base.train()
+    ours = causal_lm_loss(sequential_forward(stage, ids, classes, aux_meter=meter), labels)
+    ours.backward()
+
+    out = reference(ids, control_classes=classes)  # the model's routing hook hands classes to every adapter
+    aux = control_aux_loss(reference)
+    assert aux > 1e-4
+    (causal_lm_loss(out.logits, labels) + aux).backward()
+
+    torch.testing.assert_close(ours, causal_lm_loss(out.logits, labels), atol=1e-5, rtol=1e-5)
+    assert meter.pop() == pytest.approx(float(aux), rel=1e-5)
+    for a, b in zip(control_adapters(stage.base), control_adapters(reference)):
+        torch.testing.assert_close(a.A.grad, b.A.grad, atol=1e-6, rtol=1e-4)
+        torch.testing.assert_close(a.B.grad, b.B.grad, atol=1e-6, rtol=1e-4)
