@@ -162,3 +162,18 @@ def test_remove_control_adapters_restores_base():
     remove_control_adapters(model)
     assert not list(control_adapters(model))
     torch.testing.assert_close(model(INPUT_IDS).logits, tiny_model("mixtral")(INPUT_IDS).logits, rtol=0, atol=0)
+
+
+def test_cached_generation_uses_the_context_class():
+    """Greedy decoding with the KV cache under control_class(-1) equals greedy argmax over full -1 forwards."""
+    model = adapted("llama")
+    prompt = INPUT_IDS[:1, :5]
+    with control_class(model, -1):
+        generated = model.generate(prompt, max_new_tokens=4, do_sample=False)
+        sequence = prompt
+        for _ in range(4):
+            next_token = model(sequence, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
+            sequence = torch.cat([sequence, next_token], dim=1)
+    assert torch.equal(generated, sequence)
+    with control_class(model, 1):
+        assert not torch.equal(model.generate(prompt, max_new_tokens=4, do_sample=False), generated)
