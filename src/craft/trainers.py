@@ -221,6 +221,8 @@ class CRAFTTrainerMixin:
         Returns (batches, N_sft) with N_sft the window's SFT target tokens over all ranks; contrastive
         micro-batches never count as SFT tokens.
         """
+        # Trainer zeroes only the model's gradients after a step; the CRAFT modules' are cleared here.
+        self.craft_modules.zero_grad(set_to_none=True)
         batches = [self._craft_with_labels(batch) for batch in itertools.islice(epoch_iterator, num_batches)]
         shifted = getattr(self, "_loss_shifts_labels", True)
         local = count_window(batches, self.craft_self_align, labels_are_shifted_by_model=shifted)
