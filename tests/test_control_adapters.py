@@ -137,3 +137,13 @@ def test_layers_to_transform_forms():
     assert resolve_layers([2, 0], 4) == [0, 2]
     with pytest.raises(UserError, match="layers_to_transform"):
         resolve_layers("0:4", 4)
+
+
+def test_unsupported_model_type_is_a_user_error():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from craft.adapters import add_control_adapters
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64, n_positions=16))
+    with pytest.raises(UserError, match="'gpt2' is not supported"):
+        add_control_adapters(model, ControlAdapterConfig(rank=2))

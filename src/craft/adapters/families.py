@@ -24,6 +24,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..errors import UserError
+
 _LLAMA_GGUF = {
     "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
     "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
@@ -71,12 +73,13 @@ FAMILIES: dict[str, FamilyFacts] = {
 
 
 def family_of(model_or_config) -> FamilyFacts:
-    """The facts for a model, PEFT-wrapped model, or config, by its `model_type`; a clear error if unsupported."""
+    """The facts for a model, PEFT-wrapped model, or config, by its `model_type`; a clear error if unsupported
+    (`UserError`, a `ValueError`)."""
     config = getattr(model_or_config, "config", model_or_config)
     model_type = getattr(config, "model_type", None)
     if model_type not in FAMILIES:
         supported = ", ".join(FAMILIES)
-        raise ValueError(f"model type {model_type!r} is not supported; supported families: {supported}")
+        raise UserError(f"model type {model_type!r} is not supported; supported families: {supported}")
     return FAMILIES[model_type]
 
 
