@@ -95,3 +95,23 @@ def test_merge_refuses_to_overwrite_and_reports_user_errors(tmp_path, capsys):
     (base_dir / "config.json").write_text(json.dumps({**config, "model_type": "gpt2"}))
     assert main(["merge", str(base_dir), str(tmp_path / "lora"), str(tmp_path / "o5")]) == 2
     assert "gpt2" in capsys.readouterr().err
+
+
+def test_streaming_safetensors_writer_and_reader_round_trip(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from craft.export.checkpoint import read_stored, shard_entries, write_safetensors
+
+    generator = torch.Generator().manual_seed(0)
+    tensors = {"a": torch.randn(3, 5, generator=generator).to(torch.bfloat16), "b": torch.tensor(2.5),
+               "c": torch.arange(7, dtype=torch.int64), "d": torch.rand(4, generator=generator) > 0.5,
+               "e": torch.randn(2, 3, 4, generator=generator, dtype=torch.float16)}
+    save_file(tensors, tmp_path / "in.safetensors", metadata={"format": "pt"})
+    entries, metadata = shard_entries(tmp_path / "in.safetensors")
+    with open(tmp_path / "in.safetensors", "rb") as handle:
+        read = {entry.name: read_stored(handle, entry) for entry in entries}
+    write_safetensors(tmp_path / "out.safetensors", entries, read.__getitem__, metadata)
+    loaded = load_file(tmp_path / "out.safetensors")
+    assert loaded.keys() == tensors.keys()
+    for name, tensor in tensors.items():
+        assert loaded[name].dtype == tensor.dtype and torch.equal(loaded[name], tensor) and torch.equal(read[name], tensor)

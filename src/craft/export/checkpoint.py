@@ -151,7 +151,7 @@ class Piece:
     rows: tuple[int, int] | None = None
 
 
-def write_safetensors(path: Path, entries: Iterable[tuple[str, torch.dtype, list[int]]],
+def write_safetensors(path: Path, entries: Iterable[StoredTensor | tuple[str, torch.dtype, list[int]]],
                       produce: Callable[[str], torch.Tensor], metadata: dict[str, str] | None = None) -> None:
     """Write a safetensors file whose tensors are produced one at a time by `produce(name)`.
 
@@ -159,7 +159,7 @@ def write_safetensors(path: Path, entries: Iterable[tuple[str, torch.dtype, list
     `[begin, end)` byte offsets in the data section, then the raw little-endian data. Shapes and dtypes must be
     known up front (`entries`), and `produce(name)` must return exactly that shape and dtype.
     """
-    entries = list(entries)
+    entries = [(e.name, e.dtype, e.shape) if isinstance(e, StoredTensor) else e for e in entries]
     header: dict[str, object] = {"__metadata__": metadata} if metadata else {}
     offset = 0
     for name, dtype, shape in entries:
@@ -178,12 +178,38 @@ def write_safetensors(path: Path, entries: Iterable[tuple[str, torch.dtype, list
             out.write(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())
 
 
-def shard_entries(path: Path) -> tuple[list[tuple[str, torch.dtype, list[int]]], dict[str, str] | None]:
-    """The (name, dtype, shape) of every tensor of a safetensors file, in file order, and its metadata."""
+@dataclass(frozen=True)
+class StoredTensor:
+    """One tensor's entry in a safetensors header: name, dtype, shape and absolute byte range in the file."""
+
+    name: str
+    dtype: torch.dtype
+    shape: list[int]
+    start: int
+    end: int
+
+
+def shard_entries(path: Path) -> tuple[list[StoredTensor], dict[str, str] | None]:
+    """Every tensor of a safetensors file, in file order, and the file's metadata."""
     with open(path, "rb") as handle:
         (length,) = struct.unpack("<Q", handle.read(8))
         header = json.loads(handle.read(length))
     metadata = header.pop("__metadata__", None)
     by_name = {dtype_name: dtype for dtype, dtype_name in _DTYPE_NAMES.items()}
     ordered = sorted(header.items(), key=lambda item: item[1]["data_offsets"][0])
-    return [(name, by_name[info["dtype"]], info["shape"]) for name, info in ordered], metadata
+    return [StoredTensor(name, by_name[info["dtype"]], info["shape"], 8 + length + info["data_offsets"][0],
+                         8 + length + info["data_offsets"][1]) for name, info in ordered], metadata
+
+
+def read_stored(handle, entry: StoredTensor) -> torch.Tensor:
+    """Read one tensor from an open safetensors file with plain reads straight into a new tensor's memory.
+
+    Unlike `safe_open` (a memory map), this leaves no mapped pages of the file resident in the process, so a
+    shard-by-shard merge holds only the tensors it is working on.
+    """
+    tensor = torch.empty(entry.shape, dtype=entry.dtype)
+    handle.seek(entry.start)
+    view = tensor.reshape(-1).view(torch.uint8).numpy()
+    if handle.readinto(view) != entry.end - entry.start:
+        raise UserError(f"{handle.name}: truncated data for tensor {entry.name}")
+    return tensor

@@ -5,9 +5,10 @@ projection P becomes `T·P`, see `craft.export.control`; `--direction` / `--stre
 multiplicative LoRA written by `craft convert --mode multiplicative` (`W' = W + scale·B·A·W`, needs
 `--multiplicative`).
 
-Memory: one shard at a time, and within a shard one tensor at a time — each tensor is read with `safe_open`,
-updated in float32, cast back to its dtype and streamed to the output file (`checkpoint.write_safetensors`), so the
-peak is about one shard's mapped pages plus one tensor, never the model. Shard names and the index json are
+Memory: one shard at a time, and within a shard one tensor at a time — each tensor is read with plain file reads
+(`checkpoint.read_stored`, no memory map), updated in float32, cast back to its dtype and streamed to the output
+file (`checkpoint.write_safetensors`), so the peak is the adapter plus a few copies of the largest tensor, never
+the model or even a whole shard. Shard names and the index json are
 kept; every other top-level file of the base (config, generation config, tokenizer, chat template, ...) is copied.
 The output is written to a temporary sibling directory and renamed into place when complete; a non-empty OUT_DIR
 is refused unless `--force`.
@@ -19,10 +20,8 @@ import argparse
 import shutil
 from pathlib import Path
 
-from safetensors import safe_open
-
 from craft.errors import UserError
-from craft.export.checkpoint import BaseCheckpoint, shard_entries, write_safetensors
+from craft.export.checkpoint import BaseCheckpoint, read_stored, shard_entries, write_safetensors
 from craft.export.control import projection_updates, read_control_adapter_file
 from craft.export.lora import LowRankUpdate, adapter_kind, read_lora
 from craft.export.output import staged_directory
@@ -89,10 +88,11 @@ def merge(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path, mu
 
 def _merge_shard(source: Path, target: Path, plan: dict[str, list[LowRankUpdate]]) -> None:
     entries, metadata = shard_entries(source)
-    with safe_open(source, "pt") as handle:
-        def produce(key):
-            tensor = handle.get_tensor(key)
-            for update in plan.get(key, ()):
+    by_name = {entry.name: entry for entry in entries}
+    with open(source, "rb") as handle:
+        def produce(name):
+            tensor = read_stored(handle, by_name[name])
+            for update in plan.get(name, ()):
                 tensor = update.apply(tensor)
             return tensor
 
