@@ -120,3 +120,33 @@ def test_control_adapter_forward_and_aux_gradient_match_single_model(tmp_path, f
     for a, b in zip(control_adapters(stage.base), control_adapters(reference)):
         torch.testing.assert_close(a.A.grad, b.A.grad, atol=1e-6, rtol=1e-4)
         torch.testing.assert_close(a.B.grad, b.B.grad, atol=1e-6, rtol=1e-4)
+
+
+def test_qlora_gradients_equal_those_of_the_dequantized_model(tmp_path):
+    """Backward through NF4 layers: LoRA gradients equal those with the dequantized weights in float Linears."""
+    import bitsandbytes as bnb
+
+    model_dir = write_model(tmp_path / "llama")
+    stage = load_stage(make_config(model_dir, load_in_4bit=True), 0, 1)
+    for name, param in stage.model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.1)
+    ids = token_batch(batch=1)
+
+    def lora_grads():
+        stage.model.zero_grad()
+        causal_lm_loss(sequential_forward(stage, ids), ids).backward()
+        return {n: p.grad.clone() for n, p in stage.model.named_parameters() if p.requires_grad}
+
+    quantized = lora_grads()
+    for module in list(stage.model.modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, bnb.nn.Linear4bit):
+                linear = torch.nn.Linear(child.in_features, child.out_features, bias=False)
+                linear.weight = torch.nn.Parameter(
+                    bnb.functional.dequantize_4bit(child.weight.data, child.weight.quant_state), requires_grad=False)
+                setattr(module, child_name, linear)
+    dequantized = lora_grads()
+    assert quantized.keys() == dequantized.keys() and len(quantized) == 14
+    for name in quantized:
+        torch.testing.assert_close(quantized[name], dequantized[name], atol=1e-6, rtol=1e-4)

@@ -1,0 +1,171 @@
+"""End-to-end `craft train`: the example configs, saved outputs, logging, pipeline / data parallelism, resume."""
+
+from __future__ import annotations
+
+import glob
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from test_engine_fixtures import REPO, basic_setup, losses_of, only_run, run_craft
+
+from craft.cli import main
+from craft.engine.config import TrainConfig
+from craft.engine.train import eval_schedule, lr_at
+
+
+def train_in_process(config: Path, *overrides: str) -> int:
+    argv = ["train", str(config), "--no_progress"]
+    for item in overrides:
+        argv += ["--set", item]
+    return main(argv)
+
+
+def last_checkpoint_tensors(run_dir: Path, rank: int = 0) -> dict[str, torch.Tensor]:
+    newest = sorted((run_dir / "checkpoints").glob("step*"))[-1]
+    return torch.load(newest / f"rank{rank:05d}.pt", weights_only=False)["model"]
+
+
+def hf_name(pipeline_name: str, num_layers: int) -> str:
+    """'3.layer.self_attn.q_proj.lora_A.default.weight' -> 'model.layers.2.self_attn.q_proj.lora_A...'."""
+    item, rest = pipeline_name.split(".", 1)
+    item = int(item)
+    if item == 0 or (item == num_layers + 1 and not rest.startswith("lm_head")):
+        return f"model.{rest}"
+    if item == num_layers + 1:
+        return rest
+    return f"model.layers.{item - 1}.{rest.removeprefix('layer.')}"
+
+
+def tensorboard_scalars(run_dir: Path) -> dict[str, list[float]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    return {tag: [e.value for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def test_lr_schedule_closed_form():
+    config = TrainConfig(model_dir="m", output_dir="o", lora_rank=4, lr=1.0, sequence_len=8, warmup_steps=4,
+                         datasets=[{"dataset_path": "x"}])
+    assert [lr_at(s, 100, config) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    cosine = config.model_copy(update={"lr_scheduler": "cosine"})
+    assert lr_at(4, 100, cosine) == pytest.approx(1.0)
+    assert lr_at(52, 100, cosine) == pytest.approx(0.5 * (1 + math.cos(math.pi * 48 / 96)))
+    assert lr_at(99, 100, cosine) == pytest.approx(0.5 * (1 + math.cos(math.pi * 95 / 96)))
+    default = config.model_copy(update={"warmup_steps": None})
+    assert lr_at(0, 40, default) == pytest.approx(0.5)  # warmup = min(100, 40 // 20) = 2 steps
+    assert eval_schedule(100, 11) == set(range(0, 101, 10)) and eval_schedule(10, 0) == set()
+
+
+EXAMPLES = ["lora", "qlora", "control_adapter", "full_finetune"]
+
+
+@pytest.mark.parametrize("example", EXAMPLES)
+def test_example_config_runs_and_saves_a_loadable_result(tmp_path, monkeypatch, example):
+    from transformers import AutoModelForCausalLM
+
+    monkeypatch.chdir(REPO)  # the examples use paths relative to the repository root
+    config = REPO / "examples" / f"{example}.toml"
+    assert f"craft train examples/{example}.toml" in config.read_text()  # the documented command
+    evals = 2 if example == "control_adapter" else 0
+    assert train_in_process(config, f'output_dir="{tmp_path}"', "max_steps=2", "sequence_len=48",
+                            f"evals_per_run={evals}") == 0
+    run_dir = only_run(tmp_path)
+    trained = last_checkpoint_tensors(run_dir)
+    epoch = run_dir / "epoch1"
+    base_dir = REPO / "examples" / "demo" / "base_model"
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    if example in ("lora", "qlora"):
+        from peft import PeftModel
+
+        loaded = dict(PeftModel.from_pretrained(base, epoch).named_parameters())
+        for name, tensor in trained.items():
+            peft_name = "base_model.model." + hf_name(name, 4)
+            torch.testing.assert_close(loaded[peft_name], tensor, atol=0, rtol=0)
+        assert any("lora_B" in n and t.abs().sum() > 0 for n, t in trained.items())  # it did train
+    elif example == "control_adapter":
+        from craft.adapters import control_adapters, load_control_adapter
+
+        loaded = {f"model.layers.{a.layer_index}.control_adapter.{p}": getattr(a, p)
+                  for a in control_adapters(load_control_adapter(base, epoch)) for p in ("A", "B")}
+        assert len(loaded) == len(trained) == 6  # layers_to_transform = "0:2"
+        for name, tensor in trained.items():
+            torch.testing.assert_close(loaded[hf_name(name, 4)], tensor, atol=0, rtol=0)
+        scalars = tensorboard_scalars(run_dir)
+        expected = {"train/loss", "train/lr", "train/norm_avg", "train/norm_max", "train/weight_decay_avg",
+                    "train/weight_decay_max", "train/aux_loss", "train/tokens_per_second", "eval/loss"}
+        assert expected <= set(scalars)
+        assert len(scalars["train/loss"]) == 2 and len(scalars["eval/loss"]) == 2
+        assert all(v > 0 for v in scalars["train/weight_decay_max"] + scalars["train/norm_max"])
+    else:
+        loaded = AutoModelForCausalLM.from_pretrained(epoch, dtype=torch.float32).state_dict()
+        original = base.state_dict()
+        changed = 0
+        for name, tensor in trained.items():
+            torch.testing.assert_close(loaded[hf_name(name, 4)], tensor, atol=0, rtol=0)
+            changed += not torch.equal(tensor, original[hf_name(name, 4)])
+        assert changed == len(trained)  # every weight was trained
+    records = [json.loads(line) for line in (run_dir / "losses.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "train_loss" in r] == [1, 2]
+
+
+@pytest.mark.slow
+def test_two_pipeline_stages_give_the_losses_of_one(tmp_path):
+    """Same config: 1 stage in this process vs 2 stages in 2 processes (torchrun, gloo); 5 steps."""
+    config = basic_setup(tmp_path, max_steps=5, evals_per_run=0)
+    assert train_in_process(config, f'output_dir="{tmp_path}/one"') == 0
+    result = run_craft([str(config), "--set", f'output_dir="{tmp_path}/two"', "--set", "pipeline_stages=2",
+                        "--no_progress"], nproc=2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    one, two = losses_of(only_run(tmp_path / "one")), losses_of(only_run(tmp_path / "two"))
+    assert sorted(one) == sorted(two) == [1, 2, 3, 4, 5]
+    for step in one:
+        assert two[step] == pytest.approx(one[step], rel=1e-4)
+    assert one[5] != one[1]
+
+
+@pytest.mark.slow
+def test_data_parallel_replicas_end_identical(tmp_path):
+    config = basic_setup(tmp_path, max_steps=3, evals_per_run=0, lora_dropout=0.1, lora_weight_decay=5.0)
+    result = run_craft([str(config), "--no_progress"], nproc=2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_dir = only_run(tmp_path / "out")
+    first, second = last_checkpoint_tensors(run_dir, 0), last_checkpoint_tensors(run_dir, 1)
+    assert first.keys() == second.keys() and len(first) > 0
+    for name in first:
+        assert torch.equal(first[name], second[name]), name
+    assert any(t.abs().sum() > 0 for n, t in first.items() if "lora_B" in n)
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_reproduces_the_uninterrupted_run(tmp_path):
+    """Checkpoint every step (tiny interval), dropout on (RNG must be restored). Kill inside the checkpoint write
+    of step 3, resume, kill after step 5, resume to the end: same losses and adapter as an uninterrupted run."""
+    config = basic_setup(tmp_path, max_steps=7, evals_per_run=0, lora_dropout=0.1, lora_weight_decay=5.0,
+                         checkpoint_interval_hours=1e-9, max_checkpoints=2)
+    assert train_in_process(config, f'output_dir="{tmp_path}/reference"') == 0
+    reference_dir = only_run(tmp_path / "reference")
+
+    killed = run_craft([str(config), "--no_progress"], env_extra={"CRAFT_KILL_IN_CHECKPOINT": "3"})
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    run_dir = only_run(tmp_path / "out")
+    assert (run_dir / "checkpoints" / ".tmp-step000000003").is_dir()  # the interrupted write
+    assert [p.name for p in sorted((run_dir / "checkpoints").glob("step*"))] == ["step000000001", "step000000002"]
+
+    killed = run_craft([str(config), "--no_progress", "--resume_from_checkpoint"],
+                       env_extra={"CRAFT_KILL_AT_STEP": "5"})
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    assert not (run_dir / "checkpoints" / ".tmp-step000000003").exists()
+    assert main(["train", str(config), "--no_progress", "--resume_from_checkpoint"]) == 0
+
+    reference, resumed = losses_of(reference_dir), losses_of(run_dir)
+    assert sorted(resumed) == sorted(reference) == list(range(1, 8))
+    for step in reference:
+        assert resumed[step] == pytest.approx(reference[step], rel=1e-6), step
+    final, expected = last_checkpoint_tensors(run_dir), last_checkpoint_tensors(reference_dir)
+    for name in expected:
+        torch.testing.assert_close(final[name], expected[name], atol=1e-7, rtol=1e-6)
+    assert len(glob.glob(str(run_dir / "checkpoints" / "step*"))) == 2  # max_checkpoints
