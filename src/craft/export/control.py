@@ -11,7 +11,9 @@ so for a residual projection P (out = hidden) the adapted model equals the base 
 This is exact when the write is linear in P: target "sublayers" without a norm after the sublayer, and parallel
 blocks (Cohere: the block delta is the sum of the two writes) for either target. Otherwise it is an approximation:
 
-* target "block" on a sequential block: the MLP then reads `h + T·attn` instead of `h + attn`;
+* target "block" on a sequential block: the block output is `h + T·(attn + mlp(h + attn))`; T on both
+  projections makes the MLP read `h + T·attn`, T on the MLP projection alone leaves `attn` untransformed
+  (`block_rule` "all" / "mlp" in `projection_updates`);
 * Gemma 2 (a norm after each sublayer: the write is `g ⊙ P·x / rms(P·x)` with `g = 1 + weight`): the update
   used is `P' = G⁻¹·T·G·P` (G = diag(g)), which makes the written vector exactly `T·write` up to a per-token
   factor `rms(P·x) / rms(P'·x)`; still rank r: `B'' = G⁻¹·s'·B'`, `A'' = A·G·P`.
@@ -57,6 +59,11 @@ class ControlAdapterFile:
         if family.norm_after_sublayer:
             return False
         return family.parallel_block or self.config.get("target", "sublayers") == "sublayers"
+
+    @property
+    def block_rule_matters(self) -> bool:
+        """Target "block" on a sequential block: which projections carry T is a choice (see `projection_updates`)."""
+        return self.config.get("target", "sublayers") == "block" and not self.family.parallel_block
 
 
 def read_control_adapter_file(adapter_dir: str | Path) -> ControlAdapterFile:
@@ -112,9 +119,31 @@ def _gemma_norm_gain(base: BaseCheckpoint, layer: int, norm: str) -> torch.Tenso
     return base.get_tensor(f"model.layers.{layer}.{norm}.weight").double() + _GEMMA_NORM_OFFSET
 
 
+BLOCK_RULES = ("all", "mlp")
+DEFAULT_BLOCK_RULE = "mlp"  # for tools that cannot measure: it had the lower error in our measurements (docs/export.md)
+
+
+def add_control_options(parser, measured_block_rule: bool = False) -> None:
+    """The command-line options every tool that turns a Control Adapter into weights shares."""
+    parser.add_argument("--direction", type=int, choices=(1, -1), default=1,
+                        help="Control Adapters: the class +1 transform (I+W) or the class -1 transform (I+W)^-1")
+    parser.add_argument("--strength", type=float, default=1.0, help="Control Adapters: scale W by X (W -> X*W)")
+    choices = ("auto", *BLOCK_RULES) if measured_block_rule else BLOCK_RULES
+    parser.add_argument("--block-rule", choices=choices, default="auto" if measured_block_rule else DEFAULT_BLOCK_RULE,
+                        help="Control Adapters with target 'block' on sequential blocks (approximate): put T on all "
+                             "residual projections or on the MLP output projection only"
+                             + ("; auto measures both and keeps the better" if measured_block_rule else ""))
+
+
 def projection_updates(adapter: ControlAdapterFile, base: BaseCheckpoint, direction: int = 1,
-                       strength: float = 1.0) -> dict[str, LowRankUpdate]:
-    """Multiplicative updates of every residual projection of every adapted layer, keyed by base tensor name."""
+                       strength: float = 1.0, block_rule: str = "all") -> dict[str, LowRankUpdate]:
+    """Multiplicative updates of the residual projections of every adapted layer, keyed by base tensor name.
+
+    `block_rule` matters only for target "block" on a sequential block, where no choice is exact: "all" puts T on
+    every residual projection (the attention write is transformed, but the MLP then reads it transformed too);
+    "mlp" puts T on the MLP's output projection only (the seed's rule: the MLP input is right, the attention
+    write is not transformed). `craft convert` measures both and keeps the better one.
+    """
     family = adapter.family
     if base.family.name != family.name:
         raise UserError(f"the adapter was trained on a {family.name} model but the base model at {base.path} "
@@ -122,22 +151,28 @@ def projection_updates(adapter: ControlAdapterFile, base: BaseCheckpoint, direct
     hidden = int(adapter.config["hidden_size"])
     if int(base.config.get("hidden_size", hidden)) != hidden:
         raise UserError(f"adapter hidden_size {hidden} differs from the base model's {base.config['hidden_size']}")
+    if block_rule not in BLOCK_RULES:
+        raise UserError(f"block rule must be one of {', '.join(BLOCK_RULES)}, got {block_rule!r}")
+    chosen = range(len(family.residual_projections))
+    if block_rule == "mlp" and adapter.block_rule_matters:
+        chosen = [len(family.residual_projections) - 1]  # the MLP's output projection is listed last
     updates = {}
     for layer, update in transforms(adapter, direction, strength).items():
-        for index, projection in enumerate(family.residual_projections):
+        for index in chosen:
             A, B = update.A, update.B
             if family.norm_after_sublayer:  # P' = G⁻¹ T G P (module docstring)
                 gain = _gemma_norm_gain(base, layer, family.write_points[index])
                 A, B = A * gain, B / gain[:, None]
-            updates[base.projection_key(layer, projection)] = LowRankUpdate(A, B, update.scale, left=True)
+            key = base.projection_key(layer, family.residual_projections[index])
+            updates[key] = LowRankUpdate(A, B, update.scale, left=True)
     return updates
 
 
 def additive_updates(adapter: ControlAdapterFile, base: BaseCheckpoint, direction: int = 1,
-                     strength: float = 1.0) -> dict[str, LowRankUpdate]:
+                     strength: float = 1.0, block_rule: str = "all") -> dict[str, LowRankUpdate]:
     """The projection updates as additive LoRA factors (scale 1), reading each base projection once."""
     return {name: update.to_additive(base.get_tensor(name))
-            for name, update in projection_updates(adapter, base, direction, strength).items()}
+            for name, update in projection_updates(adapter, base, direction, strength, block_rule).items()}
 
 
 def base_dir_for(adapter: ControlAdapterFile, base_dir: str | None) -> BaseCheckpoint:

@@ -1,7 +1,7 @@
 """`craft export-gguf ADAPTER_DIR OUT.gguf --base BASE_DIR`: a llama.cpp LoRA adapter GGUF, written with `gguf`.
 
-Input: a PEFT LoRA, or a Control Adapter (converted in memory exactly as `craft convert` does, `--direction` /
-`--strength`). A multiplicative LoRA cannot be expressed in llama.cpp and is refused, as are LoRAs on
+Input: a PEFT LoRA, or a Control Adapter (converted in memory as `craft convert` does, `--direction` /
+`--strength` / `--block-rule`; the block rule is not measured here, default "mlp"). A multiplicative LoRA cannot be expressed in llama.cpp and is refused, as are LoRAs on
 `embed_tokens` / `lm_head`.
 
 What is written (llama.cpp's adapter conventions):
@@ -34,7 +34,8 @@ import torch
 
 from craft.errors import UserError
 from craft.export.checkpoint import BaseCheckpoint
-from craft.export.control import additive_updates, base_dir_for, read_control_adapter_file
+from craft.export.control import (DEFAULT_BLOCK_RULE, add_control_options, additive_updates, base_dir_for,
+                                  read_control_adapter_file)
 from craft.export.lora import LowRankUpdate, adapter_kind, read_lora, reject_embedding_updates
 from craft.export.output import staged_file
 
@@ -48,20 +49,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--base", default=None,
                         help="base model directory (default: the adapter's base_model_name_or_path)")
     parser.add_argument("--outtype", choices=tuple(_OUT_TYPES), default="f32", help="tensor data type")
-    parser.add_argument("--direction", type=int, choices=(1, -1), default=1, help="Control Adapters: class +1 or -1")
-    parser.add_argument("--strength", type=float, default=1.0, help="Control Adapters: W -> X*W")
+    add_control_options(parser)
     parser.add_argument("--force", action="store_true", help="replace an existing output file")
 
 
 def run(args: argparse.Namespace) -> int:
     count = export_gguf(args.adapter_dir, args.out_file, args.base, args.outtype, args.direction, args.strength,
-                        args.force)
+                        args.force, args.block_rule)
     print(f"wrote {count} LoRA tensor pairs to {args.out_file}")
     return 0
 
 
 def export_gguf(adapter_dir, out_file, base_dir=None, outtype: str = "f32", direction: int = 1,
-                strength: float = 1.0, force: bool = False) -> int:
+                strength: float = 1.0, force: bool = False, block_rule: str = DEFAULT_BLOCK_RULE) -> int:
     """Write the GGUF; returns the number of (lora_a, lora_b) pairs."""
     from gguf import GGUFType, GGUFWriter, Keys
 
@@ -72,7 +72,7 @@ def export_gguf(adapter_dir, out_file, base_dir=None, outtype: str = "f32", dire
     if kind == "control":
         adapter = read_control_adapter_file(adapter_dir)
         base = base_dir_for(adapter, base_dir)
-        updates = additive_updates(adapter, base, direction, strength)
+        updates = additive_updates(adapter, base, direction, strength, block_rule)
     else:
         base_path = base_dir or config.get("base_model_name_or_path")
         if not base_path:

@@ -1,7 +1,8 @@
 """`craft merge BASE_DIR ADAPTER_DIR OUT_DIR`: bake a LoRA or a Control Adapter into the base weights, shard by shard.
 
 Accepted adapters: a PEFT LoRA (`W' = W + scale·B·A`), a Control Adapter (converted on the fly: each residual
-projection P becomes `T·P`, see `craft.export.control`; `--direction` / `--strength` as in `craft convert`), or a
+projection P becomes `T·P`, see `craft.export.control`; `--direction` / `--strength` / `--block-rule` as in
+`craft convert`, except that the block rule is not measured here: default "mlp"), or a
 multiplicative LoRA written by `craft convert --mode multiplicative` (`W' = W + scale·B·A·W`, needs
 `--multiplicative`).
 
@@ -22,7 +23,8 @@ from pathlib import Path
 
 from craft.errors import UserError
 from craft.export.checkpoint import BaseCheckpoint, read_stored, shard_entries, write_safetensors
-from craft.export.control import projection_updates, read_control_adapter_file
+from craft.export.control import (DEFAULT_BLOCK_RULE, add_control_options, projection_updates,
+                                  read_control_adapter_file)
 from craft.export.lora import LowRankUpdate, adapter_kind, read_lora
 from craft.export.output import staged_directory
 
@@ -35,21 +37,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("out_dir", help="output model directory")
     parser.add_argument("--multiplicative", action="store_true",
                         help="the adapter is a multiplicative LoRA (craft convert --mode multiplicative)")
-    parser.add_argument("--direction", type=int, choices=(1, -1), default=1,
-                        help="Control Adapters: merge the class +1 transform or its inverse (class -1)")
-    parser.add_argument("--strength", type=float, default=1.0, help="Control Adapters: W -> X*W")
+    add_control_options(parser)
     parser.add_argument("--force", action="store_true", help="replace a non-empty OUT_DIR")
 
 
 def run(args: argparse.Namespace) -> int:
     merged = merge(args.base_dir, args.adapter_dir, args.out_dir, multiplicative=args.multiplicative,
-                   direction=args.direction, strength=args.strength, force=args.force)
+                   direction=args.direction, strength=args.strength, block_rule=args.block_rule, force=args.force)
     print(f"merged {args.adapter_dir} into {merged} tensors of {args.base_dir}; wrote {args.out_dir}")
     return 0
 
 
 def load_updates(base: BaseCheckpoint, adapter_dir: str | Path, multiplicative: bool = False, direction: int = 1,
-                 strength: float = 1.0) -> dict[str, LowRankUpdate]:
+                 strength: float = 1.0, block_rule: str = DEFAULT_BLOCK_RULE) -> dict[str, LowRankUpdate]:
     """The adapter's updates keyed by in-memory base tensor name, whatever kind of adapter it is."""
     kind, _ = adapter_kind(adapter_dir)
     if kind == "multiplicative" and not multiplicative:
@@ -63,16 +63,16 @@ def load_updates(base: BaseCheckpoint, adapter_dir: str | Path, multiplicative: 
     if not adapter.exact:
         print("note: this Control Adapter is not exactly representable on the projections (block target on a "
               "sequential block, or a norm after the sublayer); `craft convert` measures the error of this merge")
-    return projection_updates(adapter, base, direction, strength)
+    return projection_updates(adapter, base, direction, strength, block_rule)
 
 
 def merge(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path, multiplicative: bool = False,
-          direction: int = 1, strength: float = 1.0, force: bool = False) -> int:
+          direction: int = 1, strength: float = 1.0, block_rule: str = DEFAULT_BLOCK_RULE, force: bool = False) -> int:
     """Write the merged model to `out_dir`; returns the number of stored tensors that changed."""
     base = BaseCheckpoint.open(base_dir)
     if Path(out_dir).resolve() == base.path.resolve():
         raise UserError(f"output {out_dir} is the base model directory; choose another OUT_DIR")
-    updates = load_updates(base, adapter_dir, multiplicative, direction, strength)
+    updates = load_updates(base, adapter_dir, multiplicative, direction, strength, block_rule)
     plan: dict[str, list[LowRankUpdate]] = {}
     for name, update in updates.items():
         for piece in base.locate(name):
