@@ -50,11 +50,26 @@ def test_merge_rslora_in_bfloat16_keeps_dtype(tmp_path):
         torch.testing.assert_close(handle.get_tensor("model.layers.1.mlp.down_proj.weight"), expected, atol=0, rtol=0)
 
 
-def test_merge_mixtral_expert_lora(tmp_path):
+def test_merge_mixtral_expert_loras_into_the_per_expert_disk_layout(tmp_path):
     base_dir = save_tiny_model(tmp_path / "base", "mixtral", max_shard_size="50KB")
-    lora = make_lora(base_dir, tmp_path / "lora", ["o_proj"], target_parameters=["mlp.experts.down_proj"])
-    assert main(["merge", str(base_dir), str(tmp_path / "lora"), str(tmp_path / "merged")]) == 0
-    torch.testing.assert_close(plain_logits(tmp_path / "merged"), _peft_reference(lora), atol=1e-4, rtol=0)
+    assert any("block_sparse_moe.experts.3.w2" in name for name in
+               json.loads((base_dir / "model.safetensors.index.json").read_text())["weight_map"])
+    for parameter in ("mlp.experts.down_proj", "mlp.experts.gate_up_proj"):  # gate_up = rows of w1, then of w3
+        lora = make_lora(base_dir, tmp_path / parameter, ["o_proj"], target_parameters=[parameter])
+        assert main(["merge", str(base_dir), str(tmp_path / parameter), str(tmp_path / f"{parameter}-merged")]) == 0
+        torch.testing.assert_close(plain_logits(tmp_path / f"{parameter}-merged"), _peft_reference(lora),
+                                   atol=1e-4, rtol=0)
+
+
+def test_merging_an_approximate_control_adapter_equals_merging_its_conversion(tmp_path):
+    """Gemma 2 (norm-aware update, reads the post-norm gains) and a block target: merge == convert then merge."""
+    for family, target in (("gemma2", "sublayers"), ("qwen3", "block")):
+        base_dir, adapter_dir, _ = make_control_adapter(tmp_path, family, target=target)
+        lora, direct, via = (tmp_path / f"{family}-{name}" for name in ("lora", "direct", "via"))
+        assert main(["convert", str(adapter_dir), str(lora), "--block-rule", "all"]) == 0
+        assert main(["merge", str(base_dir), str(adapter_dir), str(direct), "--block-rule", "all"]) == 0
+        assert main(["merge", str(base_dir), str(lora), str(via)]) == 0
+        torch.testing.assert_close(plain_logits(direct), plain_logits(via), atol=1e-5, rtol=0)
 
 
 def test_merge_control_adapter_directly(tmp_path):
