@@ -150,3 +150,16 @@ def test_qlora_gradients_equal_those_of_the_dequantized_model(tmp_path):
     assert quantized.keys() == dequantized.keys() and len(quantized) == 14
     for name in quantized:
         torch.testing.assert_close(quantized[name], dequantized[name], atol=1e-6, rtol=1e-4)
+
+
+def test_topologies_place_stages_and_replicas():
+    """Default: data axis fastest (ranks 0,1 = stage 0 of replicas 0,1); column-major: pipe axis fastest."""
+    from craft.engine.distributed import make_topology, stage_and_replica
+    from craft.errors import UserError
+
+    default = make_topology(num_stages=2, world_size=4, column_major=False)
+    column = make_topology(num_stages=2, world_size=4, column_major=True)
+    assert [stage_and_replica(default, r) for r in range(4)] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert [stage_and_replica(column, r) for r in range(4)] == [(0, 0), (1, 0), (0, 1), (1, 1)]
+    with pytest.raises(UserError, match="evenly divide"):
+        make_topology(num_stages=3, world_size=4, column_major=False)

@@ -77,6 +77,16 @@ class Progress:
     tokens: int = 0          # tokens trained on (all replicas)
 
 
+def _seed_everything(seed: int) -> None:
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
 def _quiet_deepspeed() -> None:
     from deepspeed.utils import logger
 
@@ -265,6 +275,7 @@ def _train(config: TrainConfig, resume: str | None, show_progress: bool, rank: i
     run_dir, resume_from = _run_dir(config, resume, rank)
     layout = {"world_size": world, "pipeline_stages": config.pipeline_stages,
               "column_major": config.use_column_major_topology}
+    _seed_everything(config.seed)  # dropout masks; a resumed run restores the saved generator states instead
     progress = Progress()
     if resume_from is not None:
         meta = ckpt.load_checkpoint(resume_from, rank, module, optimizer, layout)
