@@ -111,17 +111,18 @@ def test_gemma2_conversion_accounts_for_the_post_sublayer_norm_gain(tmp_path, ca
     assert aware < naive
 
 
-def test_multiplicative_mode_is_refused_by_peft_and_merges_exactly(tmp_path):
+@pytest.mark.parametrize("family,kind", [("qwen2", "symmetric"), ("mixtral", "lowrank")])
+def test_multiplicative_mode_is_refused_by_peft_and_merges_exactly(tmp_path, family, kind):
+    from peft import PeftModel
+
     from craft.testing import tiny_model
     from test_export_fixtures import plain_logits
 
-    base_dir, adapter_dir, model = make_control_adapter(tmp_path, "qwen2", type="symmetric")
+    base_dir, adapter_dir, model = make_control_adapter(tmp_path, family, type=kind)
     out = tmp_path / "mult"
     assert main(["convert", str(adapter_dir), str(out), "--mode", "multiplicative", "--direction", "-1"]) == 0
-    from peft import PeftModel
-
-    with pytest.raises(Exception):
-        PeftModel.from_pretrained(tiny_model("qwen2"), str(out))
+    with pytest.raises(KeyError, match="peft_type"):  # no peft_type: PEFT cannot mistake it for an additive LoRA
+        PeftModel.from_pretrained(tiny_model(family), str(out))
     assert main(["merge", str(base_dir), str(out), str(tmp_path / "merged")]) == 2  # needs --multiplicative
     assert main(["merge", str(base_dir), str(out), str(tmp_path / "merged"), "--multiplicative"]) == 0
     torch.testing.assert_close(plain_logits(tmp_path / "merged"), adapter_logits(model, -1), atol=1e-4, rtol=0)
@@ -140,6 +141,8 @@ def test_convert_user_errors(tmp_path, capsys):
     occupied = tmp_path / "occupied"
     occupied.mkdir()
     (occupied / "keep.txt").write_text("precious")
+    assert main(["convert", str(adapter_dir), str(tmp_path / "o5"), "--strength", "nan"]) == 2
+    assert "--strength" in capsys.readouterr().err
     assert main(["convert", str(adapter_dir), str(occupied)]) == 2
     assert "--force" in capsys.readouterr().err and (occupied / "keep.txt").read_text() == "precious"
     assert main(["convert", str(adapter_dir), str(occupied), "--force"]) == 0

@@ -24,6 +24,7 @@ Mixtral's fused expert weight `mlp.experts.down_proj` `(experts, hidden, inter)`
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -107,6 +108,8 @@ def transforms(adapter: ControlAdapterFile, direction: int, strength: float) -> 
     """
     if direction not in (1, -1):
         raise UserError(f"--direction must be 1 or -1, got {direction}")
+    if not math.isfinite(strength):
+        raise UserError(f"--strength must be a finite number, got {strength}")
     updates = {}
     with torch.no_grad():
         for layer, module in adapter_modules(adapter).items():

@@ -22,13 +22,11 @@ B (hidden × r)) with `P' = P + B·A·P`, for `craft merge --multiplicative`; it
 from __future__ import annotations
 
 import argparse
-import math
 import tempfile
 from pathlib import Path
 
 import torch
 
-from craft.errors import UserError
 from craft.export.control import (BLOCK_RULES, add_control_options, additive_updates, base_dir_for,
                                   projection_updates, read_control_adapter_file)
 from craft.export.lora import write_lora
@@ -49,8 +47,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if not math.isfinite(args.strength):
-        raise UserError(f"--strength must be a finite number, got {args.strength}")
     adapter = read_control_adapter_file(args.adapter_dir)
     base = base_dir_for(adapter, args.base)
     rules = [args.block_rule] if args.block_rule != "auto" else (
