@@ -36,6 +36,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from craft.accumulator import (
     BATCH_TYPE_KEY,
     CONTRASTIVE,
+    SFT,
     AccumulationScaler,
     WindowCounts,
     batch_type,
@@ -223,7 +224,8 @@ class CRAFTTrainerMixin:
         """
         # Trainer zeroes only the model's gradients after a step; the CRAFT modules' are cleared here.
         self.craft_modules.zero_grad(set_to_none=True)
-        batches = [self._craft_with_labels(batch) for batch in itertools.islice(epoch_iterator, num_batches)]
+        batches = [_with_default_labels(batch, batch_type(batch))
+                   for batch in itertools.islice(epoch_iterator, num_batches)]
         shifted = getattr(self, "_loss_shifts_labels", True)
         local = count_window(batches, self.craft_self_align, labels_are_shifted_by_model=shifted)
         world = self.accelerator.num_processes
@@ -235,16 +237,6 @@ class CRAFTTrainerMixin:
         self._craft_scaler = AccumulationScaler(self.args.craft_alpha, total, world_size=world)
         self._craft_window = _WindowLog(local, len(batches))
         return batches, torch.tensor(total.sft_tokens, device=device)
-
-    @staticmethod
-    def _craft_with_labels(batch):
-        """SFT batches without `labels` learn every non-padding token (labels = input_ids, padding -> -100)."""
-        if batch_type(batch) == CONTRASTIVE or "labels" in batch:
-            return batch
-        labels = batch["input_ids"].clone()
-        if "attention_mask" in batch:
-            labels[batch["attention_mask"] == 0] = -100
-        return {**batch, "labels": labels}
 
     def _craft_model_inputs(self, inputs) -> dict:
         """The entries of a batch the model forward takes (drops the batch tag, assistant mask, `*_tgt`, ...)."""
@@ -260,8 +252,11 @@ class CRAFTTrainerMixin:
                                         num_items_in_batch=num_items_in_batch)
         if self._craft_scaler is None or self._craft_window is None or self._craft_window.remaining <= 0:
             # Called outside the Trainer loop (no window fetched): this micro-batch is its own window.
-            self.get_batch_samples(iter([{**inputs, BATCH_TYPE_KEY: kind or "sft"}]), 1, self.args.device)
+            [inputs], _ = self.get_batch_samples(iter([{**inputs, BATCH_TYPE_KEY: kind or SFT}]), 1,
+                                                 self.args.device)
+            kind = inputs.pop(BATCH_TYPE_KEY)
         self.craft_modules.train()
+        inputs = _with_default_labels(inputs, kind)
         if kind == CONTRASTIVE:
             loss, _, _ = self._contrastive_loss(model, inputs)
             loss = self._craft_scaler.micro_batch_loss(contrastive_loss=loss)
@@ -453,6 +448,16 @@ class CRAFTTrainerMixin:
             raise UserError(f"{resume_from_checkpoint} has no {CRAFT_STATE_NAME} (CRAFT projection head and "
                             "temperature): it was not written by a CRAFT trainer")
         self.load_craft_state_dict(torch.load(path, map_location=self.args.device, weights_only=True))
+
+
+def _with_default_labels(batch, kind: str):
+    """SFT batches without `labels` learn every non-padding token (labels = input_ids, padding -> -100)."""
+    if kind == CONTRASTIVE or "labels" in batch:
+        return batch
+    labels = batch["input_ids"].clone()
+    if "attention_mask" in batch:
+        labels[batch["attention_mask"] == 0] = -100
+    return {**batch, "labels": labels}
 
 
 def _ids_and_mask(batch, suffix: str) -> tuple[torch.Tensor, torch.Tensor]:
