@@ -10,6 +10,8 @@ import torch
 
 from craft.errors import UserError
 from craft.gradient_balancing import (
+    BalancedScaler,
+    GradientBalancing,
     GradNormBalancer,
     LossScaleBalancer,
     UncertaintyBalancer,
@@ -129,3 +131,100 @@ def test_make_balancer():
     assert make_balancer("none") is None and make_balancer("pcgrad") is None
     with pytest.raises(UserError, match="craft_gradient_balancing"):
         make_balancer("magic")
+
+
+# ------------------------------------------------------------------------------------- trainer-side controller
+
+
+def _two_task_model():
+    """shared -> (sft_head, con_head): the shared layer gets both tasks' gradients, each head one task's."""
+    torch.manual_seed(0)
+    return torch.nn.ModuleDict({"shared": torch.nn.Linear(3, 4), "sft": torch.nn.Linear(4, 1),
+                                "con": torch.nn.Linear(4, 1)})
+
+
+def _task_losses(model, x):
+    h = model["shared"](x)
+    return model["sft"](h).pow(2).mean(), -model["con"](h).mean()
+
+
+def _task_grads(model, x, weights):
+    grads = []
+    for task in range(2):
+        model.zero_grad()
+        (weights[task] * _task_losses(model, x)[task]).backward()
+        grads.append([p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in model.parameters()])
+    model.zero_grad()
+    return grads
+
+
+def test_controller_pcgrad_projects_only_shared_parameters():
+    model = _two_task_model()
+    params = list(model.parameters())
+    x = torch.randn(5, 3, generator=torch.Generator().manual_seed(3))
+    g_sft, g_con = _task_grads(model, x, [0.6, 0.4])
+    balancing = GradientBalancing("pcgrad", alpha=0.6)
+    for task in range(2):  # two micro-batches, one per task, collected like the trainer does
+        (balancing.task_term(task, [0.6, 0.4][task], _task_losses(model, x)[task], 1)).backward()
+        balancing.collect(params, task)
+        assert all(p.grad is None for p in params)
+    balancing.combine(params, {0: 1.0, 1: 1.0}, shared_layer=[0, 1])
+    shared = [0, 1]  # shared.weight, shared.bias
+    expected_shared = pcgrad([torch.cat([g_sft[i].flatten() for i in shared]),
+                              torch.cat([g_con[i].flatten() for i in shared])])
+    got_shared = torch.cat([params[i].grad.flatten() for i in shared])
+    assert torch.allclose(got_shared, expected_shared, atol=1e-6)
+    # the tasks conflict on the shared layer, so the projection changed something
+    assert float(torch.cat([g_sft[i].flatten() for i in shared]) @ torch.cat([g_con[i].flatten() for i in shared])) < 0
+    for i in range(2, len(params)):  # heads: one task each, summed unchanged
+        assert torch.allclose(params[i].grad, g_sft[i] + g_con[i], atol=1e-7)
+
+
+def test_controller_gradnorm_uses_unweighted_shared_layer_norms():
+    model = _two_task_model()
+    params = list(model.parameters())
+    x = torch.randn(5, 3, generator=torch.Generator().manual_seed(2))
+    balancing = GradientBalancing("gradnorm", alpha=0.6)
+    unweighted = _task_grads(model, x, [1.0, 1.0])
+    weighted = _task_grads(model, x, [0.6, 0.4])
+    norms = [float(torch.cat([unweighted[t][i].flatten() for i in (0, 1)]).norm()) for t in range(2)]
+    for task in range(2):
+        balancing.task_term(task, [0.6, 0.4][task], _task_losses(model, x)[task], 1).backward()
+        balancing.collect(params, task)
+    balancing.combine(params, {0: 2.0, 1: 3.0}, shared_layer=[0, 1])
+    reference = GradNormBalancer(2)
+    reference.update([2.0, 3.0], norms)
+    assert balancing.balancer.weights.tolist() == pytest.approx(reference.weights.tolist(), rel=1e-5)
+    for i, param in enumerate(params):
+        assert torch.allclose(param.grad, weighted[0][i] + weighted[1][i], atol=1e-6)
+    assert balancing.effective_weights() == pytest.approx(
+        {"sft": 0.6 * reference.weights[0].item(), "contrastive": 0.4 * reference.weights[1].item()})
+
+
+def test_balanced_scaler_uncertainty_terms():
+    from craft.accumulator import AccumulationScaler, WindowCounts
+
+    balancing = GradientBalancing("uncertainty", alpha=0.6)
+    with torch.no_grad():
+        balancing.module.log_variance.copy_(torch.tensor([0.3, -0.1]))
+    scaler = BalancedScaler(AccumulationScaler(0.6, WindowCounts(sft_tokens=10, contrastive_terms=2)), balancing)
+    token_sum, con = torch.tensor(25.0), torch.tensor(1.5)
+    loss = scaler.micro_batch_loss(sft_token_sum=token_sum, contrastive_loss=con, sft_tokens=4)
+    # 0.06 * (exp(-0.3) * 25 + 0.3 * 4) + 0.2 * (exp(0.1) * 1.5 - 0.1)
+    expected = 0.06 * (math.exp(-0.3) * 25 + 0.3 * 4) + 0.2 * (math.exp(0.1) * 1.5 - 0.1)
+    assert float(loss.detach()) == pytest.approx(expected, rel=1e-6)
+    assert float(scaler.contrastive_weight().detach()) == pytest.approx(0.2 * math.exp(0.1), rel=1e-6)
+    assert float(scaler.contrastive_regularizer().detach()) == pytest.approx(0.2 * -0.1, rel=1e-6)
+
+
+def test_controller_loss_scale_updates_at_step_end_only():
+    balancing = GradientBalancing("loss_scale", alpha=0.6)
+    balancing.balancer.momentum = 0.5
+    assert balancing.effective_weights() == {"sft": 0.6, "contrastive": pytest.approx(0.4)}
+    balancing.end_step({0: 2.0, 1: 0.5})
+    assert balancing.effective_weights() == pytest.approx({"sft": 0.3, "contrastive": 0.8})
+    restored = GradientBalancing("loss_scale", alpha=0.6)
+    restored.load_state_dict(balancing.state_dict())
+    assert restored.effective_weights() == pytest.approx({"sft": 0.3, "contrastive": 0.8})
+    with pytest.raises(UserError, match="craft_gradient_balancing='loss_scale'"):
+        GradientBalancing("pcgrad", alpha=0.6).load_state_dict(balancing.state_dict())
