@@ -18,9 +18,9 @@ memory is per mode. Tokens/s is the median of the engine's own per-step `train/t
                       L layers, hidden H, sequence length T, the causal mask not discounted (PaLM's convention)
     (full fine-tuning would be 6·N + 12·L·H·T.)
 
-Peak FLOP/s: bf16 dense tensor-core peak from a table for known GPUs (H100 SXM / H200 989 TFLOP/s, H100 PCIe 756,
-A100 312, L40S 362, L4 121, A10 125); for other GPUs and on CPU the measured peak of a square matmul in the
-training dtype (best of several runs). Peak memory: `torch.cuda.max_memory_allocated` on CUDA; on CPU the process's
+Peak FLOP/s: bf16 dense tensor-core peak from a table for known GPUs (H100 SXM / H200 989 TFLOP/s, H100 NVL 835,
+H100 PCIe 756, A100 312, L40S 362, L4 121, A10 125); for other GPUs and on CPU the measured peak of a square matmul
+in the training dtype (best of several runs). Peak memory: `torch.cuda.max_memory_allocated` on CUDA; on CPU the process's
 resident-set high-water mark (VmHWM), which includes the libraries.
 
 Sizes: on CUDA (bf16) a ~1B-parameter Llama — hidden 2048, 16 layers, 16 heads, SwiGLU 5632, vocab 32000 —
@@ -53,9 +53,9 @@ sys.path.insert(0, str(BENCH))
 from common import machine, report  # noqa: E402
 
 # bf16 dense (no sparsity) tensor-core peaks in TFLOP/s, by a substring of torch.cuda.get_device_name().
-# Checked in order: the first match wins ("H100 PCIe" before "H100", "L40S" before "L4").
-GPU_BF16_PEAK_TFLOPS = (("H200", 989.0), ("H100 PCIe", 756.0), ("H100", 989.0), ("A100", 312.0),
-                        ("L40S", 362.0), ("L4", 121.0), ("A10", 125.0))
+# Checked in order: the first match wins ("H100 PCIe" and "H100 NVL" before "H100", "L40S" before "L4").
+GPU_BF16_PEAK_TFLOPS = (("H200", 989.0), ("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0),
+                        ("A100", 312.0), ("L40S", 362.0), ("L4", 121.0), ("A10", 125.0))
 
 SIZES = {  # model and run shape per device kind
     "cuda": dict(hidden=2048, layers=16, heads=16, intermediate=5632, vocab=32000, seq=2048, micro_batch=4),
@@ -97,13 +97,18 @@ def measured_matmul_peak(kind: str, dtype: torch.dtype, size: int | None = None,
     return 2 * size**3 / best
 
 
+def datasheet_peak_tflops(device_name: str) -> float | None:
+    """The bf16 dense peak (TFLOP/s) of a GPU named like `torch.cuda.get_device_name()`, None if not tabled."""
+    return next((tflops for key, tflops in GPU_BF16_PEAK_TFLOPS if key in device_name), None)
+
+
 def device_peak(kind: str, dtype: torch.dtype) -> tuple[float, str]:
     """(peak FLOP/s, where the number comes from)."""
     if kind == "cuda":
         name = torch.cuda.get_device_name(0)
-        for key, tflops in GPU_BF16_PEAK_TFLOPS:
-            if key in name:
-                return tflops * 1e12, f"{name}: {tflops:g} TFLOP/s bf16 dense (datasheet)"
+        tflops = datasheet_peak_tflops(name)
+        if tflops is not None:
+            return tflops * 1e12, f"{name}: {tflops:g} TFLOP/s bf16 dense (datasheet)"
         peak = measured_matmul_peak(kind, dtype)
         return peak, f"{name}: not in the table, measured matmul peak {peak / 1e12:.1f} TFLOP/s"
     peak = measured_matmul_peak(kind, dtype)
