@@ -24,7 +24,6 @@ import json
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 _CHILD = r"""
@@ -78,19 +77,22 @@ def _run(mode: str, base: Path, lora: Path, out: Path, shard: str) -> dict:
 
 
 def _max_difference(left: Path, right: Path) -> float:
+    """Largest absolute difference between same-named tensors of two model directories (any sharding)."""
     from safetensors import safe_open
 
-    def tensors(directory):
+    def locations(directory):
+        found = {}
         for shard in sorted(directory.glob("*.safetensors")):
             with safe_open(shard, "pt") as handle:
-                for key in handle.keys():
-                    yield key, shard, handle.get_tensor(key)
+                found.update({key: shard for key in handle.keys()})
+        return found
 
-    right_map = {key: shard for key, shard, _ in ((k, s, None) for k, s, _ in tensors(right))}
+    left_map, right_map = locations(left), locations(right)
+    assert left_map.keys() == right_map.keys(), "the two merges hold different tensors"
     worst = 0.0
-    for key, _, value in tensors(left):
-        with safe_open(right_map[key], "pt") as handle:
-            worst = max(worst, float((handle.get_tensor(key) - value).abs().max()))
+    for key, shard in left_map.items():
+        with safe_open(shard, "pt") as a, safe_open(right_map[key], "pt") as b:
+            worst = max(worst, float((a.get_tensor(key).float() - b.get_tensor(key).float()).abs().max()))
     return worst
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from craft.cli import main
-from test_export_fixtures import adapter_logits, make_control_adapter, peft_logits, probe_ids
+from test_export_fixtures import adapter_logits, make_control_adapter, peft_logits
 
 EXACT_CASES = [  # (family, target, type): every family where the conversion is exact
     ("llama", "sublayers", "lowrank"),

@@ -176,6 +176,7 @@ def write_safetensors(path: Path, entries: Iterable[StoredTensor | tuple[str, to
             if tensor.dtype != dtype or list(tensor.shape) != list(shape):
                 raise RuntimeError(f"{name}: produced {tensor.dtype} {list(tensor.shape)}, declared {dtype} {shape}")
             out.write(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())
+            del tensor  # free it before the next one is produced: at most one tensor alive at a time
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
 from craft.adapters.families import FAMILIES, FamilyFacts
 from craft.errors import UserError
 from craft.export.checkpoint import BaseCheckpoint
