@@ -198,13 +198,15 @@ def load_or_build(config: TrainConfig, tokenizer, rank: int) -> tuple:
             tmp = cache_dir.with_name(cache_dir.name + f".tmp{os.getpid()}")
             shutil.rmtree(tmp, ignore_errors=True)
             train.save_to_disk(str(tmp / "train"))
-            evals.save_to_disk(str(tmp / "eval"))
+            if len(evals):  # an empty dataset cannot be read back by `load_from_disk`
+                evals.save_to_disk(str(tmp / "eval"))
             os.replace(tmp, cache_dir)
         return str(cache_dir)
 
     cache_dir = Path(run_on_zero(build, rank))
-    return (load_from_disk(str(cache_dir / "train")).with_format("torch"),
-            load_from_disk(str(cache_dir / "eval")).with_format("torch"))
+    train = load_from_disk(str(cache_dir / "train"))
+    evals = load_from_disk(str(cache_dir / "eval")) if (cache_dir / "eval").exists() else train.select([])
+    return train.with_format("torch"), evals.with_format("torch")
 
 
 class MicroBatches:
