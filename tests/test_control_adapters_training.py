@@ -127,8 +127,12 @@ def test_load_errors_are_clear(tmp_path):
     save_control_adapter(adapted("llama"), tmp_path / "ca")
     with pytest.raises(UserError, match="hidden_size"):
         load_control_adapter(tiny_model("llama", hidden_size=32), tmp_path / "ca")
+    with pytest.raises(UserError, match="is for 2 layers, but the model has 3"):
+        load_control_adapter(tiny_model("llama", num_layers=3), tmp_path / "ca")
     with pytest.raises(UserError, match="model type"):
         load_control_adapter(tiny_model("mistral"), tmp_path / "ca")
+    with pytest.raises(UserError, match="no control adapters"):
+        save_control_adapter(tiny_model("llama"), tmp_path / "none")
 
 
 def test_four_bit_base_trains_fp32_adapters(tmp_path):

@@ -20,7 +20,7 @@ import torch
 
 from ..errors import UserError
 from .config import ControlAdapterConfig
-from .families import decoder_layers, family_of, unwrap_peft
+from .families import family_of, unwrap_peft
 from .layer import ControlAdapter
 from .model import add_control_adapters, control_adapters
 
@@ -43,8 +43,11 @@ def save_control_adapter(model: torch.nn.Module, directory) -> Path:
     adapters = list(control_adapters(model))
     if not adapters:
         raise UserError("the model has no control adapters to save")
-    config: ControlAdapterConfig = model.control_adapter_config
     base = unwrap_peft(model)
+    config: ControlAdapterConfig | None = getattr(model, "control_adapter_config", None) or \
+        getattr(base, "control_adapter_config", None)
+    if config is None:
+        raise UserError("the model's control adapters were not added by add_control_adapters (no config found)")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {_tensor_key(a.layer_index, name): getattr(a, name).detach().cpu().contiguous()
@@ -63,7 +66,7 @@ def save_control_adapter(model: torch.nn.Module, directory) -> Path:
         "scale": adapters[0].scale,
         "layers": [a.layer_index for a in adapters],
         "hidden_size": base.config.hidden_size,
-        "num_hidden_layers": len(decoder_layers(base)),
+        "num_hidden_layers": base.config.num_hidden_layers,
         "inverse": config.inverse,
         "neumann_order": config.neumann_order,
         "gamma": config.gamma,
@@ -121,9 +124,9 @@ def load_control_adapter(model: torch.nn.Module, directory) -> torch.nn.Module:
     if settings["hidden_size"] != base.config.hidden_size:
         raise UserError(f"control adapter in {str(directory)!r} has hidden_size {settings['hidden_size']}, "
                         f"but the model has {base.config.hidden_size}")
-    if settings["num_hidden_layers"] != len(decoder_layers(base)):
+    if settings["num_hidden_layers"] != base.config.num_hidden_layers:
         raise UserError(f"control adapter in {str(directory)!r} is for {settings['num_hidden_layers']} layers, "
-                        f"but the model has {len(decoder_layers(base))}")
+                        f"but the model has {base.config.num_hidden_layers}")
     add_control_adapters(model, config_from_saved(settings))
     with torch.no_grad():
         for adapter in control_adapters(model):
