@@ -132,3 +132,21 @@ def test_rotary_row_interleave_maps_half_split_rope_to_interleaved_rope():
     c, s = angles.T.cos()[None], angles.T.sin()[None]  # angle of pair j at each position: (1, dim/2, length)
     interleaved = torch.stack([even * c - odd * s, odd * c + even * s], dim=2).reshape(heads * dim, length)
     torch.testing.assert_close(interleave_rotary_rows(as_rows(rotated), heads), interleaved)
+
+
+def test_mixtral_expert_gate_up_lora_is_split_into_llama_cpp_gate_and_up_tensors(tmp_path):
+    base_dir = save_tiny_model(tmp_path / "base", "mixtral")
+    make_lora(base_dir, tmp_path / "lora", [], target_parameters=["mlp.experts.gate_up_proj"])
+    assert main(["export-gguf", str(tmp_path / "lora"), str(tmp_path / "m.gguf"), "--base", str(base_dir)]) == 0
+    _, tensors = _read(tmp_path / "m.gguf")
+    factors = _peft_factors(tmp_path / "lora")
+    experts, rank, inter = 4, 4, 128
+    peft_a = factors["model.layers.1.mlp.experts.lora_A.weight"]  # (E·r, hidden), rows e·r + k
+    peft_b = factors["model.layers.1.mlp.experts.lora_B.weight"]  # (2·inter, r·E), columns k·E + e
+    for half, short in enumerate(("ffn_gate_exps", "ffn_up_exps")):
+        a, b = tensors[f"blk.1.{short}.weight.lora_a"], tensors[f"blk.1.{short}.weight.lora_b"]
+        assert a.shape == (experts, rank, 64) and b.shape == (experts, inter, rank)
+        for expert in range(experts):
+            np.testing.assert_array_equal(a[expert], peft_a[rank * expert:rank * (expert + 1)])
+            np.testing.assert_array_equal(b[expert], peft_b[half * inter:(half + 1) * inter, expert::experts])
+    assert not any("gate_up" in name for name in tensors)

@@ -9,7 +9,9 @@ What is written (llama.cpp's adapter conventions):
 * metadata `general.architecture` = the family's llama.cpp architecture (`FamilyFacts.gguf_arch`),
   `general.type = "adapter"`, `adapter.type = "lora"`, `adapter.lora.alpha` (float32);
 * for each adapted projection of layer N, `blk.N.<name>.weight.lora_a` and `.weight.lora_b`, `<name>` from
-  `FamilyFacts.gguf_names` (e.g. `attn_q`, `ffn_down`, `ffn_down_exps`). Arrays keep PyTorch's layout:
+  `FamilyFacts.gguf_names` (e.g. `attn_q`, `ffn_down`, `ffn_down_exps`), checked against the tensors the `gguf`
+  package lists for the architecture; Mixtral's fused expert `gate_up_proj` is split into `ffn_gate_exps` and
+  `ffn_up_exps`, as llama.cpp stores them (`gguf_tensors`). Arrays keep PyTorch's layout:
   lora_a is A `(r, in)` and lora_b is B `(out, r)` as numpy arrays, which GGUF stores with reversed dimensions
   (`ne = [in, r]` and `[r, out]`), the orientation llama.cpp checks against the base tensor (`ne = [in, out]`).
   Fused experts: A `(experts, r, in)`, B `(experts, out, r)`;
@@ -40,6 +42,7 @@ from craft.export.lora import LowRankUpdate, adapter_kind, read_lora, reject_emb
 from craft.export.output import staged_file
 
 _ROTARY_PERMUTED_ARCHS = ("llama",)
+_SPLIT_IN_GGUF = {"mlp.experts.gate_up_proj": ("ffn_gate_exps", "ffn_up_exps")}  # see gguf_tensors
 _OUT_TYPES = {"f32": np.float32, "f16": np.float16}
 
 
@@ -86,16 +89,20 @@ def export_gguf(adapter_dir, out_file, base_dir=None, outtype: str = "f32", dire
         writer.add_type(GGUFType.ADAPTER)
         writer.add_string(Keys.Adapter.TYPE, "lora")
         writer.add_float32(Keys.Adapter.LORA_ALPHA, alpha)
+        count = 0
         for name, update in updates.items():
-            tensor_name = gguf_tensor_name(base, name)
             B = rotary_permuted(base, name, update.B)
-            writer.add_tensor(f"{tensor_name}.lora_a", update.A.float().numpy().astype(_OUT_TYPES[outtype]))
-            writer.add_tensor(f"{tensor_name}.lora_b", B.float().numpy().astype(_OUT_TYPES[outtype]))
+            for tensor_name, half in gguf_tensors(base, name):
+                rows = B.shape[-2] // 2
+                part = B if half is None else B[..., half * rows:(half + 1) * rows, :]
+                writer.add_tensor(f"{tensor_name}.lora_a", update.A.float().numpy().astype(_OUT_TYPES[outtype]))
+                writer.add_tensor(f"{tensor_name}.lora_b", part.float().numpy().astype(_OUT_TYPES[outtype]))
+                count += 1
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-    return len(updates)
+    return count
 
 
 def _alpha_and_factors(updates: dict[str, LowRankUpdate]) -> tuple[float, dict[str, LowRankUpdate]]:
@@ -107,14 +114,41 @@ def _alpha_and_factors(updates: dict[str, LowRankUpdate]) -> tuple[float, dict[s
     return 0.0, {name: update.folded() for name, update in updates.items()}
 
 
-def gguf_tensor_name(base: BaseCheckpoint, name: str) -> str:
-    """`model.layers.N.<proj>.weight` (or a fused `model.layers.N.<proj>`) -> `blk.N.<gguf name>.weight`."""
+def gguf_tensors(base: BaseCheckpoint, name: str) -> list[tuple[str, int | None]]:
+    """llama.cpp tensors (`blk.N.<name>.weight`) holding the HF tensor `name`, each with the half (0: first, 1:
+    second) of the rows it holds, None for all rows; every name is checked against the `gguf` package's tensor list
+    for the architecture.
+
+    `model.layers.N.<proj>.weight` (or a fused `model.layers.N.<proj>`) maps through `FamilyFacts.gguf_names`.
+    llama.cpp keeps Mixtral's experts' gate and up projections as two tensors, `ffn_gate_exps` and `ffn_up_exps`,
+    so a LoRA on the fused `mlp.experts.gate_up_proj` (rows: gate, then up) is split into both: same lora_a, the
+    first / second half of lora_b's rows.
+    """
     match = re.fullmatch(r"model\.layers\.(\d+)\.(.+?)(?:\.weight)?", name)
     gguf_names = base.family.gguf_names
     if match is None or match.group(2) not in gguf_names:
         raise UserError(f"no llama.cpp tensor name for {name} in a {base.family.name} model "
                         f"(supported projections: {', '.join(gguf_names)})")
-    return f"blk.{match.group(1)}.{gguf_names[match.group(2)]}.weight"
+    layer, projection = match.groups()
+    parts = ([(gguf_names[projection], None)] if projection not in _SPLIT_IN_GGUF
+             else list(zip(_SPLIT_IN_GGUF[projection], (0, 1))))
+    known = _arch_tensor_names(base.family.gguf_arch)
+    for short, _ in parts:
+        if short not in known:
+            raise UserError(f"llama.cpp architecture {base.family.gguf_arch!r} has no tensor blk.N.{short} "
+                            f"(for {name}); it cannot carry this LoRA")
+    return [(f"blk.{layer}.{short}.weight", half) for short, half in parts]
+
+
+def _arch_tensor_names(arch: str) -> set[str]:
+    """Per-block tensor base names llama.cpp defines for `arch` (from the `gguf` package's constants)."""
+    from gguf.constants import MODEL_ARCH_NAMES, MODEL_TENSORS, TENSOR_NAMES
+
+    arch_ids = [arch_id for arch_id, arch_name in MODEL_ARCH_NAMES.items() if arch_name == arch]
+    if not arch_ids:
+        raise UserError(f"the gguf package does not know the llama.cpp architecture {arch!r}")
+    prefix = "blk.{bid}."
+    return {TENSOR_NAMES[t][len(prefix):] for t in MODEL_TENSORS[arch_ids[0]] if TENSOR_NAMES[t].startswith(prefix)}
 
 
 def rotary_permuted(base: BaseCheckpoint, name: str, lora_b: torch.Tensor) -> torch.Tensor:
