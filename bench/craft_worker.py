@@ -304,6 +304,70 @@ def probe_ga1_trains_sft(tmp):
     return f"{sft_count} of {len(kinds)} micro-batches are SFT"
 
 
+def alpha_share(impl: str, tmp: str) -> tuple[float, float, float]:
+    """Fit one optimizer step's gradient as a·g_sft + b·g_con; returns (a, b, relative residual).
+
+    Setting: alpha=0.6, beta=0.5, 8 micro-batches (4 SFT + 4 paired contrastive), the implementation's mixin on
+    transformers.Trainer, no gradient clipping. The 16 SFT rows are copies of one row (batch 2: 8 SFT batches, so
+    the original's loader, whose length is the SFT batch count, fills a whole window), and each contrastive
+    micro-batch holds all 8 contrastive rows (contrastive batch 8; InfoNCE over a batch does not depend on row
+    order), so the references are exact: g_sft = grad of that row's NLL, g_con = grad of the implementation's
+    own InfoNCE (its projection head, pooling of the final-norm output) over the 8 pairs. With alpha meaning
+    what it says, a / (a + b) = 0.6.
+    """
+    from transformers import TrainerCallback
+
+    captured = {}
+
+    class CaptureGradient(TrainerCallback):
+        def on_pre_optimizer_step(self, args, state, control, **kwargs):
+            captured["g"] = torch.cat([p.grad.flatten().clone() for p in model.parameters()]).double()
+
+    model, sft, contrastive = _tiny_setup(count=8)
+    sft = [sft[0]] * 16
+    host = {**host_arguments(tmp, 2, 8, 1, "cpu"), "max_grad_norm": 0.0}
+    trainer = build_trainer(impl, model, sft, contrastive, host,
+                            {"craft_alpha": 0.6, "craft_beta": 0.5, "craft_contrastive_batch_size": 8},
+                            [CaptureGradient()])
+    head = trainer.craft_loss if impl == "original" else trainer.craft_modules  # projection head (+ temperature)
+    start = [{k: v.detach().clone() for k, v in m.state_dict().items()} for m in (model, head)]
+    trainer.train()
+    for module, state in zip((model, head), start):  # the references are taken at the step's starting point
+        module.load_state_dict(state)
+
+    def gradient(loss):
+        model.zero_grad(set_to_none=False)
+        loss.backward()
+        return torch.cat([p.grad.flatten().clone() for p in model.parameters()]).double()
+
+    ids = torch.tensor([sft[0]["input_ids"]])
+    g_sft = gradient(model(input_ids=ids, labels=ids).loss)
+    rows = {k: torch.tensor([row[k] for row in contrastive]) for k in CONTRASTIVE_ROW_KEYS}
+    anchors = model.model(input_ids=rows["input_ids"], attention_mask=rows["attention_mask"]).last_hidden_state
+    positives = model.model(input_ids=rows["input_ids_tgt"],
+                            attention_mask=rows["attention_mask_tgt"]).last_hidden_state
+    if impl == "original":
+        contrastive_loss = trainer.craft_loss(anchors, positives, rows["attention_mask"], rows["attention_mask_tgt"])
+    else:
+        modules = trainer.craft_modules
+        contrastive_loss = modules.infonce(modules.embed(anchors, rows["attention_mask"]),
+                                           modules.embed(positives, rows["attention_mask_tgt"]))
+    g_con = gradient(contrastive_loss)
+    basis = torch.stack([g_sft, g_con], dim=1)
+    a, b = torch.linalg.lstsq(basis, captured["g"][:, None]).solution.flatten().tolist()
+    residual = float((basis @ torch.tensor([a, b], dtype=basis.dtype) - captured["g"]).norm() / captured["g"].norm())
+    return a, b, residual
+
+
+def probe_alpha_share(tmp):
+    a, b, residual = alpha_share("original", tmp)
+    share = a / (a + b)
+    measured = f"g = {a:.3f}·g_sft + {b:.3f}·g_con (relative residual {residual:.0e}): SFT share {share:.1%}"
+    if abs(share - 0.6) > 0.01 or residual > 1e-3:
+        raise AssertionError(measured + ", alpha is 0.6")
+    return measured
+
+
 def probe_hook_rmsnorm(tmp):
     """What the trainer does: LastHiddenStateHook(get_backbone(model)) on a Llama (RMSNorm)."""
     from craft.hooks import LastHiddenStateHook, get_backbone
@@ -408,6 +472,8 @@ PROBES = [
     ("presets: CRAFTSFTConfig.from_preset('balanced', ...)", probe_preset),
     ("CRAFTSFTTrainer.train() (config assembled by hand from CRAFTConfigMixin + SFTConfig)", probe_sft_trainer),
     ("CRAFTTrainerMixin on transformers.Trainer, paired batches as documented", probe_plain_trainer),
+    ("alpha=0.6 is the SFT share of the gradient (beta=0.5, 8 micro-batches, transformers.Trainer)",
+     probe_alpha_share),
     ("gradient_accumulation_steps=1 with beta=0.5 trains SFT", probe_ga1_trains_sft),
     ("hidden-state hook attaches to RMSNorm (Llama)", probe_hook_rmsnorm),
     ("GradCache gives the model a gradient", probe_gradcache_gradient),

@@ -131,3 +131,10 @@ def test_worker_times_our_trainer():
     result = craft_worker.time_training(options)
     assert result["impl"] == "ours" and result["steps_timed"] == 1 and result["step_seconds"] > 0
     assert result["peak_memory_mb"] > 0 and "memory_growth_mb" in result
+
+
+def test_alpha_share_probe_measures_alpha_for_ours(tmp_path):
+    """The feature-matrix probe that finds the original's SFT share (27 %) finds exactly alpha = 0.6 for ours."""
+    a, b, residual = craft_worker.alpha_share("ours", str(tmp_path))
+    assert residual < 1e-5
+    assert a == pytest.approx(0.6, abs=1e-5) and b == pytest.approx(0.4, abs=1e-5)
