@@ -39,9 +39,12 @@ def test_convert_is_exact_for_both_directions(tmp_path, capsys, family, target, 
     assert config["lora_alpha"] == config["r"] == 4 and not config["use_rslora"]
 
 
-def test_convert_follows_the_neumann_inverse(tmp_path):
-    base_dir, adapter_dir, model = make_control_adapter(tmp_path, "llama", inverse="neumann", neumann_order=2)
+def test_convert_follows_the_neumann_inverse_on_a_layer_subset(tmp_path):
+    base_dir, adapter_dir, model = make_control_adapter(tmp_path, "llama", inverse="neumann", neumann_order=2,
+                                                        layers_to_transform=[1])
     assert main(["convert", str(adapter_dir), str(tmp_path / "lora"), "--direction", "-1"]) == 0
+    config = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
+    assert sorted(config["target_modules"]) == ["model.layers.1.mlp.down_proj", "model.layers.1.self_attn.o_proj"]
     torch.testing.assert_close(peft_logits(base_dir, tmp_path / "lora"), adapter_logits(model, -1), atol=1e-4, rtol=0)
 
 
