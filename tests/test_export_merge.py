@@ -103,6 +103,9 @@ def test_merge_refuses_to_overwrite_and_reports_user_errors(tmp_path, capsys):
     for needle, argv in failures.items():
         assert main(argv) == 2
         assert needle in capsys.readouterr().err
+    wider = save_tiny_model(tmp_path / "wider", "llama", hidden_size=128)
+    assert main(["merge", str(wider), str(tmp_path / "lora"), str(tmp_path / "o6")]) == 2
+    assert "does not fit" in capsys.readouterr().err
     other = save_tiny_model(tmp_path / "other", "qwen2", num_layers=1)
     assert main(["merge", str(other), str(tmp_path / "lora"), str(tmp_path / "o4")]) == 2
     assert "not in the base model" in capsys.readouterr().err

@@ -62,11 +62,14 @@ class LowRankUpdate:
 
     def apply(self, base: torch.Tensor) -> torch.Tensor:
         """The updated weight, computed in float32 and returned in the base weight's dtype."""
-        delta = self.delta(base)
-        if delta.shape != base.shape:
-            raise UserError(f"update of shape {list(delta.shape)} does not fit a base weight of shape "
-                            f"{list(base.shape)} (adapter made for a different model?)")
-        return (base.float() + delta).to(base.dtype)
+        if self.left:
+            fits = base.dim() >= 2 and self.A.shape[-1] == base.shape[-2] == self.B.shape[-2]
+        else:
+            fits = (*self.B.shape[:-1], self.A.shape[-1]) == tuple(base.shape)
+        if not fits:
+            raise UserError(f"update with factors A {list(self.A.shape)}, B {list(self.B.shape)} does not fit a base "
+                            f"weight of shape {list(base.shape)} (adapter made for a different model?)")
+        return (base.float() + self.delta(base)).to(base.dtype)
 
     def piece(self, expert: int | None, rows: tuple[int, int] | None) -> LowRankUpdate:
         """The update of one stored piece of the weight (see `checkpoint.Piece`): expert `expert` of a fused expert
