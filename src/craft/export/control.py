@@ -68,6 +68,17 @@ class ControlAdapterFile:
         return self.config.get("target", "sublayers") == "block" and not self.family.parallel_block
 
 
+def warn_if_approximate(adapter: ControlAdapterFile, block_rule: str) -> None:
+    """Tools that cannot measure the error of an approximate conversion say so, and how to measure it."""
+    if adapter.exact:
+        return
+    rule = f" with block rule {block_rule!r}" if adapter.block_rule_matters else ""
+    option = f" --block-rule {block_rule}" if adapter.block_rule_matters else ""
+    print(f"note: this Control Adapter is not exactly representable on the projections (target "
+          f"{adapter.config.get('target')!r} on {adapter.family.name}); approximating it{rule}. "
+          f"`craft convert{option}` measures the error of this approximation")
+
+
 def read_control_adapter_file(adapter_dir: str | Path) -> ControlAdapterFile:
     """Load and validate a saved Control Adapter (via `craft.adapters.read_control_adapter`), grouped by layer."""
     from craft.adapters import read_control_adapter

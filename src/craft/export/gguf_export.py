@@ -37,7 +37,7 @@ import torch
 from craft.errors import UserError
 from craft.export.checkpoint import BaseCheckpoint
 from craft.export.control import (DEFAULT_BLOCK_RULE, add_control_options, additive_updates, base_dir_for,
-                                  read_control_adapter_file)
+                                  read_control_adapter_file, warn_if_approximate)
 from craft.export.lora import LowRankUpdate, adapter_kind, read_lora, reject_embedding_updates
 from craft.export.output import staged_file
 
@@ -75,6 +75,7 @@ def export_gguf(adapter_dir, out_file, base_dir=None, outtype: str = "f32", dire
     if kind == "control":
         adapter = read_control_adapter_file(adapter_dir)
         base = base_dir_for(adapter, base_dir)
+        warn_if_approximate(adapter, block_rule)
         updates = additive_updates(adapter, base, direction, strength, block_rule)
     else:
         base_path = base_dir or config.get("base_model_name_or_path")

@@ -24,7 +24,7 @@ from pathlib import Path
 from craft.errors import UserError
 from craft.export.checkpoint import BaseCheckpoint, read_stored, shard_entries, write_safetensors
 from craft.export.control import (DEFAULT_BLOCK_RULE, add_control_options, projection_updates,
-                                  read_control_adapter_file)
+                                  read_control_adapter_file, warn_if_approximate)
 from craft.export.lora import LowRankUpdate, adapter_kind, read_lora
 from craft.export.output import staged_directory
 
@@ -60,9 +60,7 @@ def load_updates(base: BaseCheckpoint, adapter_dir: str | Path, multiplicative: 
     if kind != "control":
         return read_lora(adapter_dir)
     adapter = read_control_adapter_file(adapter_dir)
-    if not adapter.exact:
-        print("note: this Control Adapter is not exactly representable on the projections (block target on a "
-              "sequential block, or a norm after the sublayer); `craft convert` measures the error of this merge")
+    warn_if_approximate(adapter, block_rule)
     return projection_updates(adapter, base, direction, strength, block_rule)
 
 
