@@ -125,6 +125,12 @@ def test_two_pipeline_stages_give_the_losses_of_one(tmp_path):
     for step in one:
         assert two[step] == pytest.approx(one[step], rel=1e-4)
     assert one[5] != one[1]
+    from safetensors.torch import load_file
+
+    saved = [load_file(only_run(tmp_path / name) / "epoch1" / "adapter_model.safetensors") for name in ("one", "two")]
+    assert saved[0].keys() == saved[1].keys() and len(saved[0]) == 28  # 2 layers x 7 linear maps x (A, B)
+    for name in saved[0]:
+        torch.testing.assert_close(saved[1][name], saved[0][name], atol=1e-6, rtol=1e-4)
 
 
 @pytest.mark.slow
@@ -169,3 +175,62 @@ def test_sigkill_then_resume_reproduces_the_uninterrupted_run(tmp_path):
     for name in expected:
         torch.testing.assert_close(final[name], expected[name], atol=1e-7, rtol=1e-6)
     assert len(glob.glob(str(run_dir / "checkpoints" / "step*"))) == 2  # max_checkpoints
+
+
+def test_symmetric_block_control_adapter_with_neumann_and_neutral_data(tmp_path):
+    """Symmetric Control Adapter on whole blocks: trains, stays orthogonal (orthogonality step after each Adam
+    step), logs a positive class-0 aux loss, and saves an adapter that loads."""
+    from transformers import AutoModelForCausalLM
+
+    from craft.adapters import control_adapters, load_control_adapter
+    from craft.testing import toy_texts
+    from test_engine_fixtures import write_texts
+
+    config = basic_setup(tmp_path, n_texts=48, max_steps=4, evals_per_run=0, use_control_adapters=True,
+                         control_adapter_type="symmetric", control_adapter_target="block", control_inverse="neumann",
+                         control_class0_lambda=1.0, lr=0.05)
+    neutral = write_texts(tmp_path / "data" / "neutral.json", toy_texts(48, "plain", seed=3))
+    config.write_text(config.read_text() + f'[[datasets]]\ndataset_path = "{neutral}"\ncontrol_class = 0\n')
+    assert train_in_process(config) == 0
+    run_dir = only_run(tmp_path / "out")
+    records = [json.loads(line) for line in (run_dir / "losses.jsonl").read_text().splitlines()]
+    # W = 0 until class +-1 tokens have moved S (it starts at 0); then neutral tokens see a non-zero aux loss
+    assert any(r.get("train_aux_loss", 0) > 0 for r in records)
+    model = load_control_adapter(AutoModelForCausalLM.from_pretrained(tmp_path / "model"), run_dir / "epoch1")
+    adapters = list(control_adapters(model))
+    assert len(adapters) == 2 and all(a.type == "symmetric" for a in adapters)
+    assert any(a.S.abs().sum() > 0 for a in adapters)  # it trained
+
+
+def test_post_step_applies_weight_decay_and_orthogonality_step(tmp_path):
+    """After Adam: lowrank pairs get A -= lr*lam*s*B^T W, B -= lr*lam*s*W A^T; symmetric Q -= gamma*Q(Q^T Q - I)."""
+    from craft.adapters import control_adapters
+    from craft.engine.model import load_stage
+    from craft.engine.train import _post_step
+    from test_engine_fixtures import write_model
+
+    model_dir = write_model(tmp_path / "model")
+    base = dict(model_dir=str(model_dir), output_dir="o", lora_rank=4, lr=1.0, sequence_len=16, model_dtype="float32",
+                use_control_adapters=True, lora_weight_decay=3.0, datasets=[{"dataset_path": "x"}])
+    torch.manual_seed(0)
+    lowrank = load_stage(TrainConfig(**base), 0, 1)
+    adapter = next(control_adapters(lowrank.base))
+    torch.nn.init.normal_(adapter.B, std=0.5)
+    a, b, s = adapter.A.detach().clone(), adapter.B.detach().clone(), adapter.scale
+    w = s * b @ a
+    amounts = _post_step(lowrank.base, TrainConfig(**base), 0.01, "control")
+    step = 0.01 * 3.0
+    torch.testing.assert_close(adapter.A.detach(), a - step * s * b.T @ w, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(adapter.B.detach(), b - step * s * w @ a.T, atol=1e-6, rtol=1e-5)
+    assert len(amounts) == 2 and amounts[0] > 0 and amounts[1] == 0  # the second adapter still has B = 0
+
+    symmetric_config = TrainConfig(**{**base, "control_adapter_type": "symmetric", "control_adapter_gamma": 0.2,
+                                      "lora_weight_decay": 0.0})
+    symmetric = load_stage(symmetric_config, 0, 1)
+    adapter = next(control_adapters(symmetric.base))
+    with torch.no_grad():
+        adapter.Q.add_(0.1 * torch.randn_like(adapter.Q))
+    q = adapter.Q.detach().clone()
+    _post_step(symmetric.base, symmetric_config, 0.01, "control")
+    expected = q - 0.2 * q @ (q.T @ q - torch.eye(4))
+    torch.testing.assert_close(adapter.Q.detach(), expected, atol=1e-6, rtol=1e-5)

@@ -302,5 +302,8 @@ def load_stage(config: TrainConfig, stage: int, num_stages: int) -> StageModel:
         mode, model = "control", _add_control_adapters(base, config, layers)
     else:
         mode, model = "lora", _add_lora(base, config, layers, list(owned))
+    for param in model.parameters():
+        if param.requires_grad and not param.is_meta and not param.is_contiguous():
+            param.data = param.data.contiguous()  # e.g. a QR factor; DeepSpeed's broadcast needs flat storage
     return StageModel(model=model, hf_config=hf_config, family=family_of(hf_config), items=items, rotary=rotary,
                       mode=mode, index=stage, num_stages=num_stages)

@@ -291,7 +291,7 @@ def _train(config: TrainConfig, resume: str | None, show_progress: bool, rank: i
     tokens_per_step = train_batches.tokens_per_step()
     started = last_checkpoint = time.monotonic()
     last_loss = last_eval = None
-    output = run_dir / f"epoch{progress.epoch + 1}"
+    output = run_dir / f"epoch{max(1, progress.epoch)}"  # a resumed, already finished run: the last epoch
 
     def checkpoint_now() -> None:
         meta = {"step": progress.step, "epoch": progress.epoch, "step_in_epoch": progress.step_in_epoch,
