@@ -4,11 +4,13 @@ Both adapters train on the same frozen base model (a llama-architecture model bu
 weights). The LoRA targets the two projections that write to the residual stream, `o_proj` and `down_proj` — the
 modules a sublayer Control Adapter is equivalent to a LoRA on — with the same rank and alpha. One step = forward,
 backward, Adam step. Steps of the variants are interleaved (round robin) so machine-load drift hits all of them
-alike; the reported number is the median step time. Control Adapter variants: all tokens class +1; a batch whose
+alike; the reported numbers are the median wall time and the median process CPU time of a step (the CPU time is
+less disturbed by other processes competing for the cores of a shared machine). Control Adapter variants: all tokens class +1; a batch whose
 rows alternate +1 / -1 (exact Woodbury inverse); per-token mixed classes -1/0/+1.
 
 Run (CPU, a few minutes at the defaults):
     .venv/bin/python bench/control_adapter_overhead.py
+    .venv/bin/python bench/control_adapter_overhead.py --hidden 256 --seq 128 --steps 20 --threads 1
     .venv/bin/python bench/control_adapter_overhead.py --hidden 1024 --layers 4 --seq 512 --batch 4 --device cuda
 Prints one line per variant and the ratios CA / LoRA (goal: <= 1.1).
 """
@@ -85,7 +87,10 @@ def main():
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", help="base model dtype (adapters are float32 either way)")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     torch.manual_seed(0)
     batch = torch.randint(0, args.vocab, (args.batch, args.seq), device=args.device)
@@ -97,21 +102,24 @@ def main():
         "control_adapter(rows +1/-1)": make_step(control_adapter_model(args), batch, rows.contiguous()),
         "control_adapter(tokens -1/0/+1)": make_step(control_adapter_model(args), batch, per_token),
     }
-    times = {name: [] for name in variants}
+    wall = {name: [] for name in variants}
+    cpu = {name: [] for name in variants}
     for index in range(args.warmup + args.steps):
         for name, step in variants.items():
             synchronize(args.device)
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             step()
             synchronize(args.device)
             if index >= args.warmup:
-                times[name].append(time.perf_counter() - start)
+                wall[name].append(time.perf_counter() - start)
+                cpu[name].append(time.process_time() - start_cpu)
     print(f"device={args.device} dtype={args.dtype} hidden={args.hidden} layers={args.layers} seq={args.seq} "
           f"batch={args.batch} rank={args.rank} steps={args.steps} threads={torch.get_num_threads()}")
-    lora = statistics.median(times["lora(o_proj,down_proj)"])
-    for name, values in times.items():
-        median = statistics.median(values)
-        print(f"{name:34s} median step {median * 1e3:9.2f} ms   ratio to LoRA {median / lora:.3f}")
+    lora_wall, lora_cpu = (statistics.median(t["lora(o_proj,down_proj)"]) for t in (wall, cpu))
+    for name in variants:
+        step_wall, step_cpu = statistics.median(wall[name]), statistics.median(cpu[name])
+        print(f"{name:32s} wall {step_wall * 1e3:9.2f} ms (ratio to LoRA {step_wall / lora_wall:.3f})   "
+              f"cpu {step_cpu * 1e3:9.2f} ms (ratio to LoRA {step_cpu / lora_cpu:.3f})")
 
 
 if __name__ == "__main__":
