@@ -177,3 +177,15 @@ def test_cached_generation_uses_the_context_class():
     assert torch.equal(generated, sequence)
     with control_class(model, 1):
         assert not torch.equal(model.generate(prompt, max_new_tokens=4, do_sample=False), generated)
+
+
+def test_deepcopy_hooks_drive_the_copy_s_own_adapters():
+    import copy
+
+    model = adapted("llama")
+    before = model(INPUT_IDS).logits
+    clone = copy.deepcopy(model)
+    randomize_adapters(clone, seed=5)
+    torch.testing.assert_close(model(INPUT_IDS).logits, before, rtol=0, atol=0)
+    reference = edited_base("llama", layer_transforms(clone, 1))(INPUT_IDS).logits
+    torch.testing.assert_close(clone(INPUT_IDS).logits, reference, rtol=1e-5, atol=1e-5)
