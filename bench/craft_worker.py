@@ -13,6 +13,7 @@ here from a `LlamaConfig` with a fixed seed, and the data are seeded random toke
 for both; the original's `CRAFTSFTConfig` cannot be built on TRL 1.x, see `probe`). One optimizer step is one
 accumulation window of `--accumulation` micro-batches, half SFT (causal-LM loss on `--batch` rows) and half paired
 contrastive (InfoNCE between `--batch` anchors and their positives through the projection head), alpha = 0.6.
+On CUDA the whole of `train()` runs under bf16 autocast (float32 weights); on CPU in float32.
 Step time = the time between consecutive `on_step_end` callbacks (the whole loop: data, forwards, backwards,
 optimizer); the median over the steps after `--warmup` is reported. Peak memory: on CUDA
 `torch.cuda.max_memory_allocated` during `train()`; on CPU the resident-set high-water mark (VmHWM, reset through
@@ -25,6 +26,7 @@ measured reason. It prints one line `WORKER {json}`; so does `time`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -135,7 +137,7 @@ def trainer_classes(impl: str):
 
 def host_arguments(output_dir: str, batch: int, accumulation: int, max_steps: int, device: str) -> dict:
     return dict(output_dir=output_dir, per_device_train_batch_size=batch, gradient_accumulation_steps=accumulation,
-                max_steps=max_steps, learning_rate=1e-4, use_cpu=device == "cpu", bf16=device != "cpu",
+                max_steps=max_steps, learning_rate=1e-4, use_cpu=device == "cpu",
                 report_to=[], save_strategy="no", logging_steps=10**6, disable_tqdm=True, seed=0,
                 dataloader_num_workers=0, remove_unused_columns=False)
 
@@ -158,6 +160,18 @@ def build_trainer(impl: str, model, sft, contrastive, args_kwargs: dict, craft_k
 def _synchronize() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
+
+
+def bf16_autocast(device: str):
+    """On CUDA, bf16 autocast around the whole of `train()` (float32 master weights).
+
+    Not the Trainer's `bf16=True`: accelerate then autocasts only the wrapped model's forward, and the original
+    calls its backbone and projection head outside it (a bf16 model would hand its float32 head bf16 inputs).
+    One autocast region covers every forward of both implementations alike.
+    """
+    if device == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def _status_kb(field: str) -> int:
@@ -196,8 +210,7 @@ def time_training(options) -> dict:
     """Train `warmup + steps` optimizer steps; median step seconds and peak memory during `train()`."""
     check_implementation(options.impl)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    model = build_model(options.hidden, options.layers, options.vocab, options.seq, device, dtype)
+    model = build_model(options.hidden, options.layers, options.vocab, options.seq, device, torch.float32)
     rows = options.batch * options.accumulation * (options.warmup + options.steps)
     sft, contrastive = make_rows(rows, options.seq, options.vocab, seed=1)
     timer = step_end_times()
@@ -209,10 +222,12 @@ def time_training(options) -> dict:
                                      craft_projection_dim=256, craft_pooling="last_token"), [timer])
         rss_before_kb = _status_kb("VmRSS")
         _reset_peak_memory()
-        trainer.train()
+        with bf16_autocast(device):
+            trainer.train()
         _synchronize()
     steps = [b - a for a, b in zip(timer.times, timer.times[1:])][options.warmup:]
-    result = {"impl": options.impl, "device": device, "dtype": str(dtype).removeprefix("torch."),
+    result = {"impl": options.impl, "device": device,
+              "dtype": "bfloat16 autocast, float32 weights" if device == "cuda" else "float32",
               "steps_timed": len(steps), "step_seconds": statistics.median(steps), "all_step_seconds": steps,
               "threads": torch.get_num_threads()}
     if device == "cuda":
