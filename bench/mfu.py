@@ -20,8 +20,8 @@ memory is per mode. Tokens/s is the median of the engine's own per-step `train/t
 
 Peak FLOP/s: bf16 dense tensor-core peak from a table for known GPUs (H100 SXM / H200 989 TFLOP/s, H100 NVL 835,
 H100 PCIe 756, A100 312, L40S 362, L4 121, A10 125); for other GPUs and on CPU the measured peak of a square matmul
-in the training dtype (best of several runs). Peak memory: `torch.cuda.max_memory_allocated` on CUDA; on CPU the process's
-resident-set high-water mark (VmHWM), which includes the libraries.
+in the training dtype (best of several runs). Peak memory: `torch.cuda.max_memory_allocated` on CUDA; on CPU the
+process's resident-set high-water mark (VmHWM), which includes the libraries.
 
 Sizes: on CUDA (bf16) a ~1B-parameter Llama — hidden 2048, 16 layers, 16 heads, SwiGLU 5632, vocab 32000 —
 sequence 2048, micro-batch 4; on CPU (float32) hidden 256, 4 layers, vocab 1024, sequence 256, micro-batch 2.
@@ -53,7 +53,7 @@ sys.path.insert(0, str(BENCH))
 from common import machine, report  # noqa: E402
 
 # bf16 dense (no sparsity) tensor-core peaks in TFLOP/s, by a substring of torch.cuda.get_device_name().
-# Checked in order: the first match wins ("H100 PCIe" and "H100 NVL" before "H100", "L40S" before "L4").
+# Checked in order, the first match wins: "H100 PCIe" and "H100 NVL" before "H100", "L40S" before "L4".
 GPU_BF16_PEAK_TFLOPS = (("H200", 989.0), ("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0),
                         ("A100", 312.0), ("L40S", 362.0), ("L4", 121.0), ("A10", 125.0))
 
@@ -209,6 +209,8 @@ def run_child(config_path: str, warmup: int) -> dict:
     summary = train(load_config(config_path), show_progress=False)
     records = [json.loads(line) for line in open(Path(summary["run_dir"]) / "losses.jsonl", encoding="utf-8")]
     rates = [r["train_tokens_per_second"] for r in records if "train_tokens_per_second" in r][warmup:]
+    if not rates:
+        raise SystemExit(f"{summary['steps']} steps trained, none after the {warmup} warm-up steps to time")
     return {"tokens_per_second": statistics.median(rates), "steps_timed": len(rates),
             "trainable": saved_tensor_elements(Path(summary["output"])), "peak_memory_mb": peak_memory_mb(),
             "mode": summary["mode"]}
