@@ -147,3 +147,18 @@ def test_unsupported_model_type_is_a_user_error():
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64, n_positions=16))
     with pytest.raises(UserError, match="'gpt2' is not supported"):
         add_control_adapters(model, ControlAdapterConfig(rank=2))
+
+
+def test_dropout_acts_on_the_adapter_input_in_training_only():
+    adapter = make_adapter(dropout=0.5)
+    delta = torch.randn(3, 8, HIDDEN, dtype=torch.float64)
+    w = adapter.weight_matrix()
+    adapter.train()
+    torch.manual_seed(7)
+    dropped = apply(adapter, delta, 1)
+    torch.manual_seed(7)
+    kept = torch.nn.functional.dropout(torch.ones_like(delta), p=0.5)  # the same mask, scaled by 1/(1-p)
+    torch.testing.assert_close(dropped, delta + (delta * kept) @ w.T, rtol=0, atol=1e-12)
+    assert not torch.allclose(dropped, delta + delta @ w.T)
+    adapter.eval()
+    torch.testing.assert_close(apply(adapter, delta, 1), delta + delta @ w.T, rtol=0, atol=1e-12)
