@@ -226,6 +226,7 @@ class RunLog:
 
 
 def _evaluate(engine, batches: MicroBatches) -> float | None:
+    """Mean eval loss over all eval batches (None when the eval split fills no batch)."""
     if batches.steps == 0:
         return None
     iterator = batches.iterate(epoch=0)
@@ -240,108 +241,125 @@ def train(config: TrainConfig, resume: str | None = None, show_progress: bool = 
     hf_config = read_hf_config(config.model_dir, config.sequence_len)  # fail early, before anything is written
     config.layer_indices(hf_config.num_hidden_layers)
     with distributed_world() as (rank, world):
-        return _train(config, resume, show_progress, rank, world)
+        run = TrainingRun(config, rank, world)
+        run.start(resume, show_progress)
+        return run.loop()
 
 
-def _train(config: TrainConfig, resume: str | None, show_progress: bool, rank: int, world: int) -> dict:
-    import deepspeed
-    from transformers import AutoTokenizer
+class TrainingRun:
+    """One process's share of a run: its stage, its replica's data, the DeepSpeed engine, progress and logs."""
 
-    _quiet_deepspeed()
-    topology = make_topology(config.pipeline_stages, world, config.use_column_major_topology)
-    stage_index, replica = stage_and_replica(topology, rank)
-    replicas = world // config.pipeline_stages
-    tokenizer = AutoTokenizer.from_pretrained(config.model_dir)
-    train_rows, eval_rows = load_or_build(config, tokenizer, rank)
-    train_batches = MicroBatches(train_rows, config.micro_batch_size, config.gradient_accumulation_steps,
-                                 replicas, replica, config.seed)
-    eval_batches = MicroBatches(eval_rows, config.micro_batch_size, config.eval_accumulation_steps, replicas,
-                                replica, config.seed, shuffle=False)
-    if train_batches.steps == 0:
-        raise UserError(f"{len(train_rows)} training sequences are too few for one optimizer step of "
-                        f"micro_batch_size x gradient_accumulation_steps x replicas = "
-                        f"{config.micro_batch_size * config.gradient_accumulation_steps * replicas}")
-    total_steps = train_batches.steps * config.epochs
-    if config.max_steps is not None:
-        total_steps = min(total_steps, config.max_steps)
+    def __init__(self, config: TrainConfig, rank: int, world: int):
+        import deepspeed
+        from transformers import AutoTokenizer
 
-    stage = load_stage(config, stage_index, config.pipeline_stages)
-    num_adapters = len(config.layer_indices(stage.num_layers) or range(stage.num_layers))
-    meter = AuxLossMeter(1.0 / config.gradient_accumulation_steps, num_adapters)
-    module = build_pipeline_module(stage, config.pipeline_stages, topology, meter, config.seed)
-    optimizer = _optimizer([p for p in module.parameters() if p.requires_grad], config)
-    engine, optimizer, _, _ = deepspeed.initialize(model=module, optimizer=optimizer,
-                                                   config=_deepspeed_config(config))
-    run_dir, resume_from = _run_dir(config, resume, rank)
-    layout = {"world_size": world, "pipeline_stages": config.pipeline_stages,
-              "column_major": config.use_column_major_topology}
-    _seed_everything(config.seed)  # dropout masks; a resumed run restores the saved generator states instead
-    progress = Progress()
-    if resume_from is not None:
-        meta = ckpt.load_checkpoint(resume_from, rank, module, optimizer, layout)
-        progress = Progress(**{k: meta[k] for k in ("step", "epoch", "step_in_epoch", "tokens")})
-    if rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        ckpt.remove_partial_checkpoints(run_dir)
-        (run_dir / "config.json").write_text(config.model_dump_json(indent=2))
-    barrier()
+        _quiet_deepspeed()
+        self.config, self.rank, self.world = config, rank, world
+        topology = make_topology(config.pipeline_stages, world, config.use_column_major_topology)
+        stage_index, self.replica = stage_and_replica(topology, rank)
+        self.replicas = world // config.pipeline_stages
+        train_rows, eval_rows = load_or_build(config, AutoTokenizer.from_pretrained(config.model_dir), rank)
+        self.train_batches = MicroBatches(train_rows, config.micro_batch_size, config.gradient_accumulation_steps,
+                                          self.replicas, self.replica, config.seed)
+        self.eval_batches = MicroBatches(eval_rows, config.micro_batch_size, config.eval_accumulation_steps,
+                                         self.replicas, self.replica, config.seed, shuffle=False)
+        if self.train_batches.steps == 0:
+            raise UserError(f"{len(train_rows)} training sequences are too few for one optimizer step of "
+                            f"micro_batch_size x gradient_accumulation_steps x replicas = "
+                            f"{config.micro_batch_size * config.gradient_accumulation_steps * self.replicas}")
+        self.total_steps = min(self.train_batches.steps * config.epochs, config.max_steps or math.inf)
+        self.stage = load_stage(config, stage_index, config.pipeline_stages)
+        num_adapters = len(config.layer_indices(self.stage.num_layers) or range(self.stage.num_layers))
+        self.meter = AuxLossMeter(1.0 / config.gradient_accumulation_steps, num_adapters)
+        self.module = build_pipeline_module(self.stage, config.pipeline_stages, topology, self.meter, config.seed)
+        optimizer = _optimizer([p for p in self.module.parameters() if p.requires_grad], config)
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(model=self.module, optimizer=optimizer,
+                                                                 config=_deepspeed_config(config))
+        self.layout = {"world_size": world, "pipeline_stages": config.pipeline_stages,
+                       "column_major": config.use_column_major_topology}
+        self.progress = Progress()
+        self.last_loss = self.last_eval = None
 
-    log = RunLog(run_dir, rank == 0, total_steps, progress.step, show_progress)
-    evals = eval_schedule(total_steps, config.evals_per_run)
-    tokens_per_step = train_batches.tokens_per_step()
-    started = last_checkpoint = time.monotonic()
-    last_loss = last_eval = None
-    output = run_dir / f"epoch{max(1, progress.epoch)}"  # a resumed, already finished run: the last epoch
+    def start(self, resume: str | None, show_progress: bool) -> None:
+        """Choose (or find) the run directory, restore a checkpoint if resuming, open the logs."""
+        self.run_dir, resume_from = _run_dir(self.config, resume, self.rank)
+        _seed_everything(self.config.seed)  # dropout masks; a resumed run restores the saved generator states
+        if resume_from is not None:
+            meta = ckpt.load_checkpoint(resume_from, self.rank, self.module, self.optimizer, self.layout)
+            self.progress = Progress(**{k: meta[k] for k in ("step", "epoch", "step_in_epoch", "tokens")})
+        if self.rank == 0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            ckpt.remove_partial_checkpoints(self.run_dir)
+            (self.run_dir / "config.json").write_text(self.config.model_dump_json(indent=2))
+        barrier()
+        self.log = RunLog(self.run_dir, self.rank == 0, self.total_steps, self.progress.step, show_progress)
+        self.evals = eval_schedule(self.total_steps, self.config.evals_per_run)
+        self.output = self.run_dir / f"epoch{max(1, self.progress.epoch)}"  # a resumed, finished run: its last
 
-    def checkpoint_now() -> None:
-        meta = {"step": progress.step, "epoch": progress.epoch, "step_in_epoch": progress.step_in_epoch,
-                "tokens": progress.tokens, "layout": layout}
-        ckpt.save_checkpoint(run_dir, progress.step, rank, module, optimizer, meta, config.max_checkpoints)
+    def loop(self) -> dict:
+        """Train to `total_steps`, evaluating, checkpointing and saving epochs on the way; returns the summary."""
+        started = last_checkpoint = time.monotonic()
+        progress = self.progress
+        while progress.step < self.total_steps:
+            batches = self.train_batches.iterate(progress.epoch, progress.step_in_epoch)
+            while progress.step_in_epoch < self.train_batches.steps and progress.step < self.total_steps:
+                self.maybe_evaluate()
+                self.step(batches)
+                epoch_done = progress.step_in_epoch == self.train_batches.steps or progress.step == self.total_steps
+                due = time.monotonic() - last_checkpoint >= self.config.checkpoint_interval_hours * 3600
+                if epoch_done:
+                    self.end_epoch()
+                if epoch_done or broadcast_from_zero(due):
+                    self.checkpoint()
+                    last_checkpoint = time.monotonic()
+                if os.environ.get("CRAFT_KILL_AT_STEP") == str(progress.step):
+                    os.kill(os.getpid(), signal.SIGKILL)
+        self.maybe_evaluate()
+        self.log.close()
+        summary = {"run_dir": str(self.run_dir), "steps": progress.step, "tokens": progress.tokens,
+                   "seconds": time.monotonic() - started, "final_train_loss": self.last_loss,
+                   "final_eval_loss": self.last_eval, "output": str(self.output), "mode": self.stage.mode,
+                   "rank": self.rank}
+        barrier()
+        return summary
 
-    while progress.step < total_steps:
-        batches = train_batches.iterate(progress.epoch, progress.step_in_epoch)
-        while progress.step_in_epoch < train_batches.steps and progress.step < total_steps:
-            if progress.step in evals:
-                last_eval = _evaluate(engine, eval_batches)
-                if last_eval is not None:
-                    log.scalars(progress.step, {"eval/loss": last_eval})
-            lr = lr_at(progress.step, total_steps, config)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            tick = time.perf_counter()
-            last_loss = float(engine.train_batch(batches))
-            decays = _post_step(module, config, lr, stage.mode)
-            norms = _frobenius_norms(_factor_triples(module, stage.mode))
-            parts = all_gather({"norm": norms, "weight_decay": decays, "aux": meter.pop()})
-            progress.step += 1
-            progress.step_in_epoch += 1
-            progress.tokens += tokens_per_step
-            tokens_per_second = tokens_per_step / max(1e-9, time.perf_counter() - tick)
-            values = {"train/loss": last_loss, "train/lr": lr, "train/tokens_per_second": tokens_per_second,
-                      **_combine(parts, replicas, config.gradient_accumulation_steps)}
-            log.scalars(progress.step, values)
-            log.advance(last_loss, tokens_per_second)
-            due = broadcast_from_zero(time.monotonic() - last_checkpoint >= config.checkpoint_interval_hours * 3600)
-            epoch_done = progress.step_in_epoch == train_batches.steps or progress.step == total_steps
-            if due and not epoch_done:
-                checkpoint_now()
-                last_checkpoint = time.monotonic()
-            if epoch_done:
-                output = run_dir / f"epoch{progress.epoch + 1}"
-                save_epoch_output(stage, output, replica)
-                if progress.step_in_epoch == train_batches.steps:
-                    progress.epoch, progress.step_in_epoch = progress.epoch + 1, 0
-                checkpoint_now()
-                last_checkpoint = time.monotonic()
-            if os.environ.get("CRAFT_KILL_AT_STEP") == str(progress.step):
-                os.kill(os.getpid(), signal.SIGKILL)
-    if total_steps in evals:
-        last_eval = _evaluate(engine, eval_batches)
-        if last_eval is not None:
-            log.scalars(progress.step, {"eval/loss": last_eval})
-    log.close()
-    summary = {"run_dir": str(run_dir), "steps": progress.step, "tokens": progress.tokens,
-               "seconds": time.monotonic() - started, "final_train_loss": last_loss, "final_eval_loss": last_eval,
-               "output": str(output), "mode": stage.mode, "rank": rank}
-    barrier()
-    return summary
+    def maybe_evaluate(self) -> None:
+        if self.progress.step in self.evals:
+            self.evals.discard(self.progress.step)
+            self.last_eval = _evaluate(self.engine, self.eval_batches)
+            if self.last_eval is not None:
+                self.log.scalars(self.progress.step, {"eval/loss": self.last_eval})
+
+    def step(self, batches) -> None:
+        """One optimizer step: accumulation micro-batches through the pipeline, Adam, decoupled regularisation,
+        logging."""
+        lr = lr_at(self.progress.step, self.total_steps, self.config)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        tick = time.perf_counter()
+        self.last_loss = float(self.engine.train_batch(batches))
+        decays = _post_step(self.module, self.config, lr, self.stage.mode)
+        norms = _frobenius_norms(_factor_triples(self.module, self.stage.mode))
+        parts = all_gather({"norm": norms, "weight_decay": decays, "aux": self.meter.pop()})
+        tokens = self.train_batches.tokens_per_step()
+        tokens_per_second = tokens / max(1e-9, time.perf_counter() - tick)
+        self.progress.step += 1
+        self.progress.step_in_epoch += 1
+        self.progress.tokens += tokens
+        values = {"train/loss": self.last_loss, "train/lr": lr, "train/tokens_per_second": tokens_per_second,
+                  **_combine(parts, self.replicas, self.config.gradient_accumulation_steps)}
+        self.log.scalars(self.progress.step, values)
+        self.log.advance(self.last_loss, tokens_per_second)
+
+    def end_epoch(self) -> None:
+        """Save the epoch's adapter / model; a completed epoch moves the data position to the next one."""
+        self.output = self.run_dir / f"epoch{self.progress.epoch + 1}"
+        save_epoch_output(self.stage, self.output, self.replica)
+        if self.progress.step_in_epoch == self.train_batches.steps:
+            self.progress.epoch, self.progress.step_in_epoch = self.progress.epoch + 1, 0
+
+    def checkpoint(self) -> None:
+        meta = {"step": self.progress.step, "epoch": self.progress.epoch,
+                "step_in_epoch": self.progress.step_in_epoch, "tokens": self.progress.tokens, "layout": self.layout}
+        ckpt.save_checkpoint(self.run_dir, self.progress.step, self.rank, self.module, self.optimizer, meta,
+                             self.config.max_checkpoints)
