@@ -163,3 +163,14 @@ def test_topologies_place_stages_and_replicas():
     assert [stage_and_replica(column, r) for r in range(4)] == [(0, 0), (1, 0), (0, 1), (1, 1)]
     with pytest.raises(UserError, match="evenly divide"):
         make_topology(num_stages=3, world_size=4, column_major=False)
+
+
+def test_full_fine_tune_of_tied_embeddings_needs_one_stage(tmp_path):
+    from craft.errors import UserError
+
+    model_dir = write_model(tmp_path / "cohere", "cohere")  # Cohere ties lm_head to the embedding
+    config = make_config(model_dir, full_fine_tune=True, lora_rank=None)
+    with pytest.raises(UserError, match="tied input/output embeddings needs pipeline_stages = 1"):
+        load_stage(config, 0, 2)
+    stage = load_stage(config, 0, 1)
+    assert stage.base.lm_head.weight is stage.base.model.embed_tokens.weight
