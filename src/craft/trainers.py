@@ -135,7 +135,9 @@ class CRAFTTrainerMixin:
             `CRAFTCollator`, seeded shuffling, sharded per rank).
     `args` must be a CRAFT config (`CRAFTTrainingArguments`, `CRAFTSFTConfig`, ...).
 
-    Subclasses change the contrastive computation by overriding `_contrastive_loss(model, batch)`.
+    Subclasses change the contrastive computation by overriding `_contrastive_loss(model, batch)` (a whole
+    contrastive micro-batch, e.g. GradCache) or `_infonce(anchors, positives)` (every InfoNCE term, e.g. extra
+    negatives).
     """
 
     # Whether the host's compute_loss divides the summed token NLL by `num_items_in_batch` (TRL's does always;
@@ -338,7 +340,10 @@ class CRAFTTrainerMixin:
         return self._infonce(modules.embed(hidden, anchor_mask), modules.embed(hidden, positive_mask))
 
     def _infonce(self, anchors, positives):
-        """InfoNCE over projected embeddings, recorded for logging: (loss, logits, anchors)."""
+        """InfoNCE over projected embeddings, recorded for logging: (loss, logits, anchors).
+
+        Every contrastive term of both strategies goes through here: the one place extra negatives plug in.
+        """
         loss, logits = self.craft_modules.infonce(anchors, positives, return_logits=True)
         self._craft_record_contrastive(loss, logits, anchors)
         return loss, logits, anchors
