@@ -109,3 +109,94 @@ def gradcache_backward(encode: Callable[[Any], Tensor], chunks: Sequence[Any], l
     if isinstance(output, (tuple, list)):
         return type(output)([loss.detach(), *output[1:]])
     return loss.detach()
+
+
+# ---------------------------------------------------------------------------------------- CRAFT trainers
+
+
+def unused_logits_term(output) -> Tensor:
+    """``0 · Σ logits`` of a model output whose logits the contrastive loss does not use.
+
+    Adding it to the loss puts the LM head in the graph with a zero gradient, so DDP's reducer sees every
+    parameter take part in the backward (without it DDP stops at the next forward, or needs the slower
+    ``find_unused_parameters=True``).
+    """
+    return output.logits.float().sum() * 0.0
+
+
+def _trim_right_padding(*tensors: Tensor, mask: Tensor) -> tuple[Tensor, ...]:
+    """Drop the trailing columns where ``mask`` [b, T] is 0 in every row (right padding of a chunk).
+
+    Causal attention makes the real tokens blind to later positions, so their hidden states do not change.
+    """
+    keep = int(mask.ne(0).any(dim=0).nonzero().max()) + 1 if bool(mask.ne(0).any()) else mask.shape[1]
+    return tuple(t[:, :keep] for t in tensors)
+
+
+def contrastive_gradcache_loss(trainer, model, batch) -> Tensor:
+    """A CRAFT trainer's contrastive micro-batch through GradCache; returns the tensor the Trainer backpropagates.
+
+    Paired: the anchors (``input_ids``) and the positives (``input_ids_tgt``) are cut into chunks of
+    ``craft_gradcache_chunk_size`` sequences, each encoded to its pooled last hidden state [b, H]; the
+    projection head, InfoNCE (with queue negatives) and the metrics run once over all of them. Self-align: each
+    chunk of rows is encoded once and pooled over the prompt and over the assistant span, [b, 2, H].
+
+    `gradcache_backward` backpropagates ``w_con · λ_con · InfoNCE`` (the trainer's scaler weight) itself, with
+    DDP synchronisation deferred to the last chunk. The returned tensor has that weighted value; its backward
+    adds only uncertainty balancing's ``w_con · s_con`` term (for the other strategies it is a fresh leaf whose
+    backward changes no parameter).
+    """
+    modules = trainer.craft_modules
+    chunk_size = trainer.args.craft_gradcache_chunk_size
+
+    def hidden_of(ids, mask):
+        """The last hidden state [b, T, H], plus 0 times the logits (see `unused_logits_term`)."""
+        with trainer._hidden_state_capture(model) as capture:
+            output = model(input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=1,
+                           **capture.forward_kwargs)
+        return capture.hidden, unused_logits_term(output)
+
+    def project(pooled):
+        return modules.projection(pooled.to(modules.projection.fc1.weight.dtype))
+
+    if trainer.craft_self_align:
+        anchor_mask, positive_mask = trainer._self_align_masks(batch)
+        ids = batch["input_ids"]
+        mask = batch.get("attention_mask")
+        mask = torch.ones_like(ids) if mask is None else mask
+        chunks = [(ids[s], mask[s], anchor_mask[s], positive_mask[s]) for s in split_into_chunks(ids.shape[0], chunk_size)]
+
+        def encode(chunk):
+            ids, mask, anchors, positives = _trim_right_padding(*chunk, mask=chunk[1])
+            hidden, zero = hidden_of(ids, mask)
+            pooled = [modules.infonce.pool(hidden, anchors), modules.infonce.pool(hidden, positives)]
+            return torch.stack(pooled, 1) + zero
+
+        def loss_fn(pooled):
+            emb = project(pooled.flatten(0, 1)).unflatten(0, (pooled.shape[0], 2))
+            return trainer._infonce(emb[:, 0], emb[:, 1])
+    else:
+        from craft.trainers import _ids_and_mask
+
+        sides = [_ids_and_mask(batch, ""), _ids_and_mask(batch, "_tgt")]
+        size = sides[0][0].shape[0]
+        chunks = [(ids[s], mask[s]) for ids, mask in sides for s in split_into_chunks(size, chunk_size)]
+
+        def encode(chunk):
+            ids, mask = _trim_right_padding(*chunk, mask=chunk[1])
+            hidden, zero = hidden_of(ids, mask)
+            return modules.infonce.pool(hidden, mask) + zero
+
+        def loss_fn(pooled):
+            emb = project(pooled)
+            return trainer._infonce(emb[:size], emb[size:])
+
+    scaler = trainer._craft_scaler
+    weight = scaler.contrastive_weight()
+    loss, _, _ = gradcache_backward(encode, chunks, loss_fn, weight,
+                                    no_sync=lambda: trainer.accelerator.no_sync(model))
+    value = (weight * loss).detach().float()
+    regularizer = scaler.contrastive_regularizer()
+    if regularizer is None:
+        return value.clone().requires_grad_(True)
+    return regularizer + (value - regularizer.detach())

@@ -1,0 +1,189 @@
+"""CRAFT for the TRL trainers whose objective is not a token-level SFT loss: DPO, KTO, ORPO, GRPO, RLOO (and PPO
+when the installed TRL has it).
+
+These hosts keep their own data pipeline (preference pairs, prompts with generation and rewards) and their own
+loss, including its normalisation across the accumulation window. CRAFT adds the contrastive term beside it.
+Per optimizer step the parameters follow the gradient of
+
+    J = craft_alpha * L_host + (1 - craft_alpha) * L_con
+
+* ``L_host`` is the host's own step objective: the loss its ``compute_loss`` returns, scaled by ``craft_alpha``
+  (times the balancing weight), then normalised exactly as the host and Trainer normalise it.
+* ``L_con`` is the mean InfoNCE over the step's contrastive micro-batches. Host micro-batch ``k`` (counted over
+  the run) is accompanied by one contrastive micro-batch iff ``floor((k+1)·β) > floor(k·β)`` (β =
+  ``craft_beta``, as `craft.data.CRAFTMixedDataLoader` schedules them); its InfoNCE is weighted
+  ``(1 - alpha) / M`` (M = the step's contrastive micro-batches) and backpropagated right away, under DDP's
+  ``no_sync`` (the host's last backward of the step all-reduces the sum).
+
+The contrastive batches come from ``craft_bundle``: a paired dataset, or (self-align) a dataset with an
+assistant span given as ``contrastive_dataset``. They are drawn from a seeded loader sharded per rank and
+restarted (new shuffle) when exhausted. GradCache, the negative queue and gradient balancing work as in
+`craft.trainers.CRAFTTrainerMixin`; "loss/craft_sft" in the logs is the host's loss.
+"""
+
+from __future__ import annotations
+
+from torch.utils.data import DistributedSampler
+
+from craft.accumulator import AccumulationScaler, WindowCounts
+from craft.config import TRLFeatureUnavailable, trl_version
+from craft.data import CRAFTCollator, is_contrastive_step
+from craft.errors import UserError
+from craft.gradient_balancing import CONTRASTIVE_TASK, SFT_TASK
+from craft.trainers import CRAFTTrainerMixin, _WindowLog
+
+
+class CRAFTAuxiliaryContrastiveMixin(CRAFTTrainerMixin):
+    """`CRAFTTrainerMixin` for hosts with their own objective (module docstring): ``class T(this, trl.DPOTrainer)``."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # The host's own normalisation of its loss stays in force (the CRAFT mixin pre-normalises SFT losses).
+        self.__dict__.pop("loss_is_scaled_for_ga", None)
+        bundle = self.craft_bundle
+        if self.craft_self_align and bundle.contrastive_dataset is bundle.sft_dataset:
+            raise UserError(f"{type(self).__name__} with strategy 'self_align' needs a separate contrastive_dataset "
+                            "with an assistant span (labels or assistant_mask): the host's own batches "
+                            "(preference pairs, prompts) have none")
+        self._craft_micro_batch_index = 0
+        self._craft_contrastive_iterator = None
+        self._craft_contrastive_epoch = 0
+
+    # ------------------------------------------------------------------------------------------ data
+
+    def get_train_dataloader(self):
+        return super(CRAFTTrainerMixin, self).get_train_dataloader()
+
+    def _craft_contrastive_batches(self):
+        loader = self._craft_contrastive_loader
+        if loader is None:
+            tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
+            pad_id = getattr(tokenizer, "pad_token_id", None)
+            collator = CRAFTCollator(pad_token_id=0 if pad_id is None else pad_id,
+                                     assistant_mask_key=self.args.craft_assistant_mask_key)
+            args = self.args
+            seed = args.data_seed if args.data_seed is not None else args.seed
+            from craft.data import build_loader
+
+            loader = build_loader(self.craft_bundle.contrastive_dataset,
+                                  args.craft_contrastive_batch_size or args.per_device_train_batch_size, collator,
+                                  shuffle=True, seed=seed, num_replicas=args.world_size, rank=args.process_index)
+            self._craft_contrastive_loader = loader
+        while True:
+            if isinstance(getattr(loader, "sampler", None), DistributedSampler):
+                loader.sampler.set_epoch(self._craft_contrastive_epoch)
+            yield from loader
+            self._craft_contrastive_epoch += 1
+
+    def _craft_next_contrastive_batch(self) -> dict:
+        if self._craft_contrastive_iterator is None:
+            self._craft_contrastive_iterator = self._craft_contrastive_batches()
+        batch = next(self._craft_contrastive_iterator)
+        device = self.args.device
+        return {k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()}
+
+    # ------------------------------------------------------------------------------- accumulation window
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        batches, num_items = super(CRAFTTrainerMixin, self).get_batch_samples(epoch_iterator, num_batches, device)
+        self._craft_open_window(len(batches))
+        return batches, num_items
+
+    def _craft_open_window(self, num_micro_batches: int) -> None:
+        # Trainer zeroes only the model's gradients after a step; the CRAFT modules' are cleared here.
+        self.craft_modules.zero_grad(set_to_none=True)
+        start, beta = self._craft_micro_batch_index, self.args.craft_beta
+        terms = sum(is_contrastive_step(start + i, beta) for i in range(num_micro_batches))
+        world = self.accelerator.num_processes
+        # Every rank follows the same schedule: the window holds terms * world InfoNCE terms in all.
+        scaler = AccumulationScaler(self.args.craft_alpha, WindowCounts(num_micro_batches, terms * world), world)
+        self._craft_scaler = self._craft_balanced_scaler(scaler)
+        self._craft_window = _WindowLog(WindowCounts(num_micro_batches, terms), num_micro_batches)
+
+    # ------------------------------------------------------------------------------------------- losses
+
+    def _craft_trainer_divides_by_ga(self, num_items_in_batch) -> bool:
+        """Whether `Trainer.training_step` divides this host's loss by the accumulation steps."""
+        if self.loss_is_scaled_for_ga is not None:
+            return not self.loss_is_scaled_for_ga
+        scaled = (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func is not None
+        return not scaled
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """Training: ``alpha · λ · host loss`` (uncertainty: ``alpha · (exp(-s) · host loss + s / steps)``)."""
+        host = super(CRAFTTrainerMixin, self).compute_loss
+        if not model.training:
+            return host(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        if self._craft_window is None or self._craft_window.remaining <= 0:
+            self._craft_open_window(1)  # called outside the Trainer loop: its own window
+        result = host(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        loss, outputs = (result[0], result[1:]) if return_outputs else (result, None)
+        # The Trainer (or the host) averages the window's micro-batches: s's share per micro-batch follows suit.
+        steps = getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
+        units = 1.0 if self._craft_trainer_divides_by_ga(num_items_in_batch) else 1.0 / steps
+        weighted = self.craft_balancing.task_term(SFT_TASK, self.args.craft_alpha, loss, units)
+        self._craft_window.sft_nll_sum += float(loss.detach())
+        self._craft_end_micro_batch()
+        return (weighted, *outputs) if return_outputs else weighted
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        if self._craft_window is None or self._craft_window.remaining <= 0:
+            self._craft_open_window(1)
+        index = self._craft_micro_batch_index
+        self._craft_micro_batch_index += 1
+        if is_contrastive_step(index, self.args.craft_beta):
+            self._craft_auxiliary_contrastive(model)
+        return super().training_step(model, inputs, num_items_in_batch)
+
+    def _craft_auxiliary_contrastive(self, model) -> None:
+        """Forward and backward of one weighted contrastive micro-batch, before the host's own step."""
+        batch = self._craft_next_contrastive_batch()
+        self.craft_modules.train()
+        with self.accelerator.no_sync(model):
+            loss = self._craft_contrastive_micro_batch_loss(model, batch)
+            self.accelerator.backward(loss)
+        if self.craft_balancing.per_task_gradients:
+            self.craft_balancing.collect(self._craft_trainable_parameters(), CONTRASTIVE_TASK)
+
+
+def _wrapper(host_name: str, host_class, config_name: str):
+    doc = (f"`{host_name}` with CRAFT (`craft.trl_wrappers`): the host's arguments plus ``craft_bundle`` "
+           f"(and optionally ``craft_contrastive_loader``); ``args`` is a `craft.config.{config_name}`.")
+    return type(f"CRAFT{host_class.__name__}", (CRAFTAuxiliaryContrastiveMixin, host_class), {"__doc__": doc})
+
+
+def _trl_class(name: str):
+    import trl
+
+    if name == "ORPOTrainer":
+        from trl.experimental.orpo import ORPOTrainer
+
+        return ORPOTrainer
+    host = getattr(trl, name, None)
+    if host is None and name == "PPOTrainer":
+        raise TRLFeatureUnavailable(
+            f"CRAFTPPOTrainer needs trl.PPOTrainer, which TRL {trl_version()} does not have (TRL 1.x removed PPO); "
+            "use CRAFTGRPOTrainer or CRAFTRLOOTrainer for online RL, or install a TRL that ships PPOTrainer")
+    return host
+
+
+_WRAPPERS = {
+    "CRAFTDPOTrainer": ("DPOTrainer", "CRAFTDPOConfig"),
+    "CRAFTGRPOTrainer": ("GRPOTrainer", "CRAFTGRPOConfig"),
+    "CRAFTKTOTrainer": ("KTOTrainer", "CRAFTKTOConfig"),
+    "CRAFTRLOOTrainer": ("RLOOTrainer", "CRAFTRLOOConfig"),
+    "CRAFTORPOTrainer": ("ORPOTrainer", "CRAFTORPOConfig"),
+    "CRAFTPPOTrainer": ("PPOTrainer", "CRAFTPPOConfig"),
+}
+_built: dict[str, type] = {}
+
+
+def __getattr__(name: str):
+    """The wrapper classes are built on first access, so a missing TRL trainer fails only the name asked for."""
+    if name not in _WRAPPERS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    if name not in _built:
+        host_name, config_name = _WRAPPERS[name]
+        _built[name] = _wrapper(host_name, _trl_class(host_name), config_name)
+        _built[name].__module__ = __name__
+    return _built[name]
