@@ -424,3 +424,15 @@ def test_demo_table_lists_the_logged_craft_terms():
     header, rule, row = table.splitlines()
     assert header.split() == ["step", "sft", "contrast", "total", "acc", "consist", "temp"]
     assert row.split() == ["2", "2.0000", "-", "1.2500", "-", "-", "-"]
+
+
+def test_train_loader_set_epoch_reaches_distributed_samplers():
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    rows = _as_dataset(_chat_rows(8, 1))
+    sampler = DistributedSampler(rows, num_replicas=2, rank=0, seed=0)
+    trainer = _trainer("self_align", separate_contrastive=False)
+    trainer._craft_sft_loader = DataLoader(rows, batch_size=2, sampler=sampler, collate_fn=COLLATE)
+    loader = trainer.get_train_dataloader()
+    loader.set_epoch(3)
+    assert sampler.epoch == 3 and len(loader) == 2  # rank 0 of 2 sees 4 rows = 2 micro-batches

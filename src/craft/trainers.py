@@ -115,6 +115,17 @@ class _MixedBatches(IterableDataset):
         return len(self.mixed)
 
 
+class _MixedBatchLoader(DataLoader):
+    """The Trainer's train loader: yields the mixed loader's micro-batches as they are; `set_epoch` reaches
+    the per-rank samplers (a fresh shard order each epoch)."""
+
+    def __init__(self, mixed: CRAFTMixedDataLoader):
+        super().__init__(_MixedBatches(mixed), batch_size=None)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.dataset.mixed.set_epoch(epoch)
+
+
 class _WindowLog:
     """Running sums of one accumulation window (this rank), turned into the logged loss terms when it ends."""
 
@@ -214,7 +225,7 @@ class CRAFTTrainerMixin:
 
     def get_train_dataloader(self) -> DataLoader:
         self.craft_mixed_loader = self.build_craft_mixed_loader()
-        return DataLoader(_MixedBatches(self.craft_mixed_loader), batch_size=None)
+        return _MixedBatchLoader(self.craft_mixed_loader)
 
     # ------------------------------------------------------------------------------- accumulation window
 
