@@ -228,7 +228,7 @@ def test_plain_trainer_host_is_exact_for_both_loss_normalisations(accepts_loss_k
 
 
 class _GradientAtStep(TrainerCallback):
-    """Copies the accumulated gradient before the first optimizer step, and records the windows fetched."""
+    """Copies the accumulated gradient the first optimizer step is about to use."""
 
     def __init__(self, trainer):
         self.trainer, self.gradient = trainer, None
@@ -298,7 +298,7 @@ def test_logged_terms_are_the_objective(tmp_path):
         assert 0.0 <= entry["metrics/craft_contrastive_accuracy"] <= 1.0
         assert -1.0 <= entry["metrics/craft_representation_consistency"] <= 1.0
         assert entry["metrics/craft_temperature"] == pytest.approx(
-            trainer.craft_modules.infonce.temperature, rel=0.5)
+            trainer.craft_modules.infonce.temperature, rel=0.05)  # tau starts at 0.1 and moves slowly
 
 
 def test_report_metrics_subset(tmp_path):
