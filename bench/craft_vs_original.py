@@ -18,7 +18,9 @@ implementation, each with its own venv's python:
   the exception or the measured reason.
 
 Ratios are ours ÷ original (lower is better). Times are medians over the timed steps; the workers run one after
-the other (`--rounds 2` alternates them ours, original, original, ours against load drift).
+the other (`--rounds 2` alternates them ours, original, original, ours against load drift). On CPU the workers use
+one torch thread and the step-time ratio is of CPU time per step (wall time is printed too): on a machine shared
+with other jobs wall time swings several-fold with their load, CPU time hardly. On CUDA it is wall time.
 
 Run (CPU; the first run also creates .venv-baseline, a few minutes):
     .venv/bin/python bench/craft_vs_original.py
@@ -131,27 +133,39 @@ def main() -> int:
     for impl in timing_order(options.rounds):
         result = run_worker(pythons[impl], "time", "--impl", impl, *shape)
         runs[impl].append(result)
-        print(f"  {impl:8s} median step {result['step_seconds'] * 1e3:9.1f} ms  peak memory "
-              f"{result['peak_memory_mb']:8.1f} MiB" + (f"  (growth during train() {result['memory_growth_mb']:.1f}"
-                                                       " MiB)" if "memory_growth_mb" in result else ""), flush=True)
+        growth = result.get("memory_growth_mb")
+        print(f"  {impl:8s} median step {result['step_seconds'] * 1e3:9.1f} ms wall, "
+              f"{result['step_cpu_seconds'] * 1e3:9.1f} ms CPU; peak memory {result['peak_memory_mb']:7.1f} MiB"
+              + (f" (growth during train() {growth:.1f} MiB)" if growth is not None else ""), flush=True)
+        for name, key in (("wall", "all_step_seconds"), ("CPU", "all_step_cpu_seconds")):
+            print(f"           steps, {name} ms: " + " ".join(f"{t * 1e3:.0f}" for t in result[key]), flush=True)
 
     def pooled(impl: str, key: str) -> float:
-        return statistics.median(run[key] for run in runs[impl]) if key != "all_step_seconds" else \
-            statistics.median(s for run in runs[impl] for s in run[key])
+        """Median over every timed step of every run (step lists), or over the runs (numbers)."""
+        values = [v for run in runs[impl] for v in (run[key] if isinstance(run[key], list) else [run[key]])]
+        return statistics.median(values)
 
-    ours_step, original_step = pooled("ours", "all_step_seconds"), pooled("original", "all_step_seconds")
     device = runs["ours"][0]["device"]
+    # On a CPU shared with other jobs wall time per step swings several-fold with their load; the process's CPU
+    # time (one torch thread) is the work done. On CUDA the wall time (synchronised) is the step time.
+    time_key, time_name = ("all_step_seconds", "wall") if device == "cuda" else ("all_step_cpu_seconds",
+                                                                                 "CPU time, 1 thread")
+    ours_step, original_step = pooled("ours", time_key), pooled("original", time_key)
+    ours_wall, original_wall = pooled("ours", "all_step_seconds"), pooled("original", "all_step_seconds")
     memory_key = "peak_memory_mb" if device == "cuda" else "memory_growth_mb"
     memory_name = "peak allocated CUDA memory" if device == "cuda" else "RSS growth during train()"
     ours_memory, original_memory = pooled("ours", memory_key), pooled("original", memory_key)
-    print(f"step time   ours {ours_step * 1e3:.1f} ms / original {original_step * 1e3:.1f} ms = "
-          f"{ours_step / original_step:.3f}")
+    print(f"step time ({time_name})   ours {ours_step * 1e3:.1f} ms / original {original_step * 1e3:.1f} ms = "
+          f"{ours_step / original_step:.3f}   (wall: {ours_wall * 1e3:.1f} / {original_wall * 1e3:.1f} ms = "
+          f"{ours_wall / original_wall:.3f})")
     print(f"{memory_name}   ours {ours_memory:.1f} MiB / original {original_memory:.1f} MiB = "
           f"{ours_memory / original_memory:.3f}")
     setting = (f"Llama h{options.hidden} L{options.layers}, batch {options.batch}x{options.seq}, GA "
                f"{options.accumulation}, {device}")
-    report("CRAFT step time (paired InfoNCE + SFT) vs contrastive-ft 0.4.3", ours_step / original_step, "<= 1.1",
-           f"{ours_step * 1e3:.0f} ms vs {original_step * 1e3:.0f} ms; {setting}")
+    report(f"CRAFT step time ({time_name}; paired InfoNCE + SFT) vs contrastive-ft 0.4.3",
+           ours_step / original_step, "<= 1.1",
+           f"{ours_step * 1e3:.0f} ms vs {original_step * 1e3:.0f} ms (wall {ours_wall / original_wall:.2f}x); "
+           f"{setting}")
     report(f"CRAFT {memory_name} vs contrastive-ft 0.4.3", ours_memory / original_memory, "<= 1.1",
            f"{ours_memory:.0f} MiB vs {original_memory:.0f} MiB; {setting}")
 

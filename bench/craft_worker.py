@@ -15,7 +15,9 @@ accumulation window of `--accumulation` micro-batches, half SFT (causal-LM loss 
 contrastive (InfoNCE between `--batch` anchors and their positives through the projection head), alpha = 0.6.
 On CUDA the whole of `train()` runs under bf16 autocast (float32 weights); on CPU in float32.
 Step time = the time between consecutive `on_step_end` callbacks (the whole loop: data, forwards, backwards,
-optimizer); the median over the steps after `--warmup` is reported. Peak memory: on CUDA
+optimizer), as wall-clock time and as the process's CPU time; medians over the steps after `--warmup`. On CPU
+torch uses `--threads` threads (default 1), so CPU time per step is the work done, which a machine shared with
+other jobs changes far less than wall time. Peak memory: on CUDA
 `torch.cuda.max_memory_allocated` during `train()`; on CPU the resident-set high-water mark (VmHWM, reset through
 `/proc/self/clear_refs` just before `train()`) and its growth over the RSS before `train()`.
 
@@ -188,7 +190,7 @@ def _reset_peak_memory() -> None:
 
 
 def step_end_times():
-    """A TrainerCallback recording `perf_counter()` (after a CUDA sync) at the end of every optimizer step."""
+    """A TrainerCallback recording (wall clock, process CPU time) after a CUDA sync at the end of every step."""
     from transformers import TrainerCallback
 
     class StepTimes(TrainerCallback):
@@ -197,11 +199,11 @@ def step_end_times():
 
         def on_train_begin(self, args, state, control, **kwargs):
             _synchronize()
-            self.times.append(time.perf_counter())
+            self.times.append((time.perf_counter(), time.process_time()))
 
         def on_step_end(self, args, state, control, **kwargs):
             _synchronize()
-            self.times.append(time.perf_counter())
+            self.times.append((time.perf_counter(), time.process_time()))
 
     return StepTimes()
 
@@ -210,6 +212,8 @@ def time_training(options) -> dict:
     """Train `warmup + steps` optimizer steps; median step seconds and peak memory during `train()`."""
     check_implementation(options.impl)
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu" and options.threads:
+        torch.set_num_threads(options.threads)
     model = build_model(options.hidden, options.layers, options.vocab, options.seq, device, torch.float32)
     rows = options.batch * options.accumulation * (options.warmup + options.steps)
     sft, contrastive = make_rows(rows, options.seq, options.vocab, seed=1)
@@ -225,10 +229,12 @@ def time_training(options) -> dict:
         with bf16_autocast(device):
             trainer.train()
         _synchronize()
-    steps = [b - a for a, b in zip(timer.times, timer.times[1:])][options.warmup:]
+    wall = [b[0] - a[0] for a, b in zip(timer.times, timer.times[1:])][options.warmup:]
+    cpu = [b[1] - a[1] for a, b in zip(timer.times, timer.times[1:])][options.warmup:]
     result = {"impl": options.impl, "device": device,
               "dtype": "bfloat16 autocast, float32 weights" if device == "cuda" else "float32",
-              "steps_timed": len(steps), "step_seconds": statistics.median(steps), "all_step_seconds": steps,
+              "steps_timed": len(wall), "step_seconds": statistics.median(wall), "all_step_seconds": wall,
+              "step_cpu_seconds": statistics.median(cpu), "all_step_cpu_seconds": cpu,
               "threads": torch.get_num_threads()}
     if device == "cuda":
         result["peak_memory_mb"] = torch.cuda.max_memory_allocated() / 2**20
@@ -534,6 +540,7 @@ def main(argv=None) -> int:
     parser.add_argument("--accumulation", type=int, default=4)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads (0: torch's default)")
     options = parser.parse_args(argv)
     import transformers
 

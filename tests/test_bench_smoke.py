@@ -127,9 +127,15 @@ def test_worker_tokenizer():
 def test_worker_times_our_trainer():
     """The timing harness runs our CRAFTTrainerMixin on transformers.Trainer (structure only, no timing)."""
     options = craft_worker.argparse.Namespace(impl="ours", hidden=32, layers=1, vocab=64, seq=8, batch=2,
-                                              accumulation=2, warmup=1, steps=1)
-    result = craft_worker.time_training(options)
+                                              accumulation=2, warmup=1, steps=1, threads=1)
+    threads = torch.get_num_threads()
+    try:
+        result = craft_worker.time_training(options)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
     assert result["impl"] == "ours" and result["steps_timed"] == 1 and result["step_seconds"] > 0
+    assert result["step_cpu_seconds"] > 0
     assert result["peak_memory_mb"] > 0 and "memory_growth_mb" in result
 
 
