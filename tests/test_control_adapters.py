@@ -69,9 +69,10 @@ def test_symmetric_exact_inverse_is_exp_minus_s_form():
     torch.testing.assert_close(apply(adapter, delta, -1), delta @ closed_form.T, rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("kind", ["lowrank", "symmetric"])
 @pytest.mark.parametrize("order", [1, 2, 4, 7])
-def test_neumann_error_equals_series_remainder(order):
-    adapter = make_adapter(inverse="neumann", neumann_order=order)
+def test_neumann_error_equals_series_remainder(order, kind):
+    adapter = make_adapter(inverse="neumann", neumann_order=order, type=kind)
     delta = torch.randn(5, HIDDEN, dtype=torch.float64)
     w = adapter.weight_matrix()
     exact = dense_transform(adapter, -1)

@@ -170,7 +170,7 @@ def test_toy_steering_run_lowers_both_held_out_losses():
     tokenizer = make_tokenizer()
     torch.manual_seed(0)
     model = add_control_adapters(tiny_model("llama").train(), ControlAdapterConfig(rank=8))
-    train = {1: _batch(tokenizer, toy_texts(24, "pirate", seed=0)), -1: _batch(tokenizer, toy_texts(24, "formal", seed=0))}
+    train = {1: _batch(tokenizer, toy_texts(16, "pirate", seed=0)), -1: _batch(tokenizer, toy_texts(16, "formal", seed=0))}
     held = {1: _batch(tokenizer, toy_texts(16, "pirate", seed=1)), -1: _batch(tokenizer, toy_texts(16, "formal", seed=1))}
     with torch.no_grad():
         base = {value: _loss(model, batch, value).item() for value, batch in held.items()}  # B = 0: the base model
