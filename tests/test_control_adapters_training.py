@@ -210,3 +210,24 @@ def test_bfloat16_adapters_on_a_bfloat16_base():
     adapter = model.model.layers[0].control_adapter
     assert adapter.A.dtype == torch.bfloat16 and adapter.B.grad.dtype == torch.bfloat16
     assert adapter.B.grad.abs().max() > 0
+
+
+def test_float32_adapters_on_a_bfloat16_base():
+    """Default fp32 adapters on a bf16 base: identity at init, and the +1 transform is computed in fp32 from the
+    bf16 write and rounded once: each write equals bf16(fp32(write) @ (I + W)^T) to one bf16 rounding."""
+    model = add_control_adapters(tiny_model("llama", dtype=torch.bfloat16), ControlAdapterConfig(rank=4))
+    assert torch.equal(model(INPUT_IDS).logits, tiny_model("llama", dtype=torch.bfloat16)(INPUT_IDS).logits)
+    randomize_adapters(model)
+    adapter = model.model.layers[0].control_adapter
+    raw = {}
+    model.model.layers[0].mlp.down_proj.register_forward_hook(lambda m, a, out: raw.__setitem__("write", out))
+    transformed = {}
+    model.model.layers[0].mlp.register_forward_hook(lambda m, a, out: transformed.__setitem__("write", out))
+    model(INPUT_IDS, labels=INPUT_IDS).loss.backward()
+    expected = (raw["write"].float() @ (torch.eye(64) + adapter.weight_matrix()).T).to(torch.bfloat16)
+    assert transformed["write"].dtype == torch.bfloat16
+    # equal up to one bf16 rounding step (fp32 summation order may differ)
+    torch.testing.assert_close(transformed["write"].float(), expected.float(), rtol=2 ** -7, atol=1e-6)
+    unrounded = raw["write"].float() @ (torch.eye(64) + adapter.weight_matrix()).T
+    assert (transformed["write"].float() - unrounded).abs().max() <= unrounded.abs().max() * 2 ** -8
+    assert adapter.A.dtype == torch.float32 and adapter.B.grad.dtype == torch.float32 and adapter.B.grad.abs().max() > 0
