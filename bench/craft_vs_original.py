@@ -18,13 +18,14 @@ implementation, each with its own venv's python:
   the exception or the measured reason.
 
 Ratios are ours ÷ original (lower is better). Times are medians over the timed steps; the workers run one after
-the other (`--rounds 2` alternates them ours, original, original, ours against load drift). On CPU the workers use
-one torch thread and the step-time ratio is of CPU time per step (wall time is printed too): on a machine shared
-with other jobs wall time swings several-fold with their load, CPU time hardly. On CUDA it is wall time.
+the other, alternating ours, original, original, ours (`--rounds 2`, the default) against load drift. On CPU the
+workers use one torch thread and the step-time ratio is of CPU time per step (wall time is printed too): on a
+machine shared with other jobs wall time swings several-fold with their load, CPU time hardly. On CUDA it is wall
+time.
 
 Run (CPU; the first run also creates .venv-baseline, a few minutes):
     .venv/bin/python bench/craft_vs_original.py
-    .venv/bin/python bench/craft_vs_original.py --hidden 1024 --layers 8 --seq 512 --batch 8 --rounds 2   # GPU
+    .venv/bin/python bench/craft_vs_original.py --hidden 1024 --layers 8 --seq 512 --batch 8   # GPU
 """
 
 from __future__ import annotations
@@ -117,7 +118,7 @@ def main() -> int:
     parser.add_argument("--accumulation", type=int, default=4)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--steps", type=int, default=4)
-    parser.add_argument("--rounds", type=int, default=1, help="worker runs per implementation (alternating)")
+    parser.add_argument("--rounds", type=int, default=2, help="worker runs per implementation (alternating)")
     parser.add_argument("--no-probes", action="store_true", help="skip the feature matrix")
     options = parser.parse_args()
 
