@@ -436,3 +436,65 @@ def test_train_loader_set_epoch_reaches_distributed_samplers():
     loader = trainer.get_train_dataloader()
     loader.set_epoch(3)
     assert sampler.epoch == 3 and len(loader) == 2  # rank 0 of 2 sees 4 rows = 2 micro-batches
+
+
+_DDP_WORKER = '''
+import os, sys, torch
+sys.path.insert(0, {tests!r})
+from transformers import TrainerCallback
+from test_trainers import _trainer, _parameters
+
+out = {out!r}
+trainer = _trainer("paired_dataset", output_dir=out, gradient_accumulation_steps=2, max_steps=2, max_grad_norm=0.0,
+                   craft_alpha=0.3, craft_learnable_temperature=True, ddp_backend="gloo")
+record = {{"windows": [], "gradient": None}}
+fetch = trainer.get_batch_samples
+
+def recording_fetch(*args):
+    batches, num_items = fetch(*args)
+    if not record["windows"]:
+        record["windows"] = [{{k: v.clone() if torch.is_tensor(v) else v for k, v in b.items()}} for b in batches]
+    return batches, num_items
+
+class FirstGradient(TrainerCallback):
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        if record["gradient"] is None:
+            record["gradient"] = torch.cat([p.grad.flatten() if p.grad is not None else torch.zeros(p.numel())
+                                            for p in _parameters(trainer)])
+
+trainer.get_batch_samples = recording_fetch
+trainer.add_callback(FirstGradient())
+record["craft_start"] = {{k: v.clone() for k, v in trainer.craft_modules.state_dict().items()}}
+trainer.train()
+record["final"] = torch.cat([p.detach().flatten() for p in _parameters(trainer)])
+torch.save(record, os.path.join(out, "rank%s.pt" % os.environ["RANK"]))
+'''
+
+
+@pytest.mark.slow
+def test_two_process_ddp_gradient_is_the_global_objective_and_ranks_agree(tmp_path):
+    """2 CPU processes (gloo): the first step's gradient on each rank equals grad J over BOTH ranks' windows
+    (global token count, global contrastive-term count), and model + CRAFT modules end identical on both ranks."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "worker.py"
+    script.write_text(_DDP_WORKER.format(tests=str(Path(__file__).parent), out=str(tmp_path)))
+    torchrun = Path(sys.executable).with_name("torchrun")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_port", "29517", str(script)],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+    assert torch.equal(ranks[0]["final"], ranks[1]["final"])
+    assert torch.equal(ranks[0]["gradient"], ranks[1]["gradient"])
+
+    trainer = _trainer("paired_dataset", craft_learnable_temperature=True)
+    trainer.craft_modules.load_state_dict(ranks[0]["craft_start"])
+    trainer.model.train()
+    union = ranks[0]["windows"] + ranks[1]["windows"]
+    assert [b["craft_batch_type"] for b in union] == ["sft", "contrastive"] * 2
+    assert not torch.equal(ranks[0]["windows"][0]["input_ids"], ranks[1]["windows"][0]["input_ids"])  # sharded
+    _assert_relative_close(ranks[0]["gradient"], _reference_gradient(trainer, union, 0.3))

@@ -317,22 +317,31 @@ class CRAFTTrainerMixin:
         """
         if self.craft_self_align:
             anchor_mask, positive_mask = self._self_align_masks(batch)
-            with self._hidden_state_capture(model) as capture:
-                model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), use_cache=False,
-                      logits_to_keep=1, **capture.forward_kwargs)
-            return self._pooled_infonce(capture.hidden, anchor_mask, positive_mask)
+            hidden, zero = self._forward_hidden(model, batch["input_ids"], batch.get("attention_mask"))
+            loss, logits, anchors = self._pooled_infonce(hidden, anchor_mask, positive_mask)
+            return loss + zero, logits, anchors
         if "input_ids_tgt" not in batch:
             raise UserError("a paired contrastive batch has no 'input_ids_tgt' (the positives); the contrastive "
                             f"loader must yield them (CRAFTCollator pads them); batch keys: {', '.join(batch)}")
         anchors = _ids_and_mask(batch, "")
         positives = _ids_and_mask(batch, "_tgt")
         input_ids, attention_mask = _stack_right_padded([anchors, positives])
-        with self._hidden_state_capture(model) as capture:
-            model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=1,
-                  **capture.forward_kwargs)
+        hidden, zero = self._forward_hidden(model, input_ids, attention_mask)
         size = anchors[0].shape[0]
-        embeddings = self.craft_modules.embed(capture.hidden, attention_mask)
-        return self._infonce(embeddings[:size], embeddings[size:])
+        embeddings = self.craft_modules.embed(hidden, attention_mask)
+        loss, logits, anchor_embeddings = self._infonce(embeddings[:size], embeddings[size:])
+        return loss + zero, logits, anchor_embeddings
+
+    def _forward_hidden(self, model, input_ids, attention_mask):
+        """(last hidden state [B, T, H], a zero tied to the logits) of one forward of the wrapped model.
+
+        Only the last position's logits are computed. Adding the zero to the loss gives the LM head a (zero)
+        gradient, as DDP requires of every parameter the forward used.
+        """
+        with self._hidden_state_capture(model) as capture:
+            outputs = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=1,
+                            **capture.forward_kwargs)
+        return capture.hidden, outputs.logits.sum() * 0.0
 
     def _self_align_masks(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
         """(prompt mask, assistant mask), each [B, T]; a `UserError` naming rows with an empty span."""
@@ -425,6 +434,9 @@ class CRAFTTrainerMixin:
     def create_optimizer(self, *args, **kwargs):
         """The host's optimizer plus the projection head and temperature (weight decay on the head's matrices)."""
         optimizer = super().create_optimizer(*args, **kwargs)
+        if self.accelerator.num_processes > 1:  # DDP broadcasts the model's initial weights, not these
+            for tensor in self.craft_modules.state_dict().values():
+                torch.distributed.broadcast(tensor, src=0)
         present = {id(p) for group in optimizer.param_groups for p in group["params"]}
         missing = [(name, p) for name, p in self.craft_modules.named_parameters()
                    if p.requires_grad and id(p) not in present]
