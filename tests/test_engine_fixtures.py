@@ -36,8 +36,8 @@ def toml_value(value) -> str:
 
 
 def write_config(path: Path, datasets: list[dict], **keys) -> Path:
-    """A TOML config with top-level `keys` and one [[datasets]] table per dict."""
-    lines = [f"{key} = {toml_value(value)}" for key, value in keys.items()]
+    """A TOML config with top-level `keys` (None = left out) and one [[datasets]] table per dict."""
+    lines = [f"{key} = {toml_value(value)}" for key, value in keys.items() if value is not None]
     for table in datasets:
         lines.append("[[datasets]]")
         lines += [f"{key} = {toml_value(value)}" for key, value in table.items()]

@@ -234,3 +234,17 @@ def test_post_step_applies_weight_decay_and_orthogonality_step(tmp_path):
     _post_step(symmetric.base, symmetric_config, 0.01, "control")
     expected = q - 0.2 * q @ (q.T @ q - torch.eye(4))
     torch.testing.assert_close(adapter.Q.detach(), expected, atol=1e-6, rtol=1e-5)
+
+
+def test_bfloat16_base_with_kahan_summation_trains(tmp_path):
+    """The default model dtype: bf16 base weights, full fine-tune (bf16 trainable weights -> Kahan summation)."""
+    config = basic_setup(tmp_path, max_steps=3, evals_per_run=0, model_dtype="bfloat16", full_fine_tune=True,
+                         lora_rank=None)
+    assert train_in_process(config) == 0
+    run_dir = only_run(tmp_path / "out")
+    losses = losses_of(run_dir)
+    assert sorted(losses) == [1, 2, 3] and all(math.isfinite(v) for v in losses.values())
+    state = torch.load(sorted((run_dir / "checkpoints").glob("step*"))[-1] / "rank00000.pt", weights_only=False)
+    assert all(t.dtype == torch.bfloat16 for t in state["model"].values())
+    optimizer_state = state["optimizer"]["state"]
+    assert optimizer_state and all(s["kahan_comp"] is not None for s in optimizer_state.values())
