@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import ClassVar
 
 from craft.errors import UserError
 
@@ -52,13 +51,14 @@ class CRAFTConfigMixin:
         craft_pooling ["last_token"]: "last_token" | "mean" | "cls" | "weighted_mean".
         craft_use_hidden_state_hook [True]: capture the final-norm output with a forward hook; False asks the
             model for `output_hidden_states=True` (all layers kept: more memory).
-        craft_use_gradcache [False], craft_gradcache_chunk_size [8]: GradCache (not available in this release).
-        craft_negative_strategy ["in_batch"]: "in_batch" | "queue" | "none" ("queue" not available yet;
-            "none" uses the positives of the other rows only, which is what in-batch InfoNCE does without
-            extra negatives — both give the same loss here).
+        craft_use_gradcache [False], craft_gradcache_chunk_size [8]: GradCache for contrastive micro-batches,
+            re-forwarding chunks of this many sequences (`craft.gradcache`; exact gradients, less memory).
+        craft_negative_strategy ["in_batch"]: "in_batch" | "queue" | "none". "queue" adds a MoCo FIFO of past
+            positives as extra negatives (`craft.negatives`); "none" uses the positives of the other rows only,
+            which is what in-batch InfoNCE does without extra negatives — both give the same loss here.
         craft_negative_queue_size [65536]: MoCo queue length (> 0).
         craft_gradient_balancing ["none"]: "none" | "loss_scale" | "uncertainty" | "gradnorm" | "pcgrad"
-            (only "none" available in this release).
+            (`craft.gradient_balancing`; the effective weights are logged as balancing/craft_weight_*).
         craft_assistant_mask_key ["assistant_mask"]: the batch column marking assistant tokens (self-align).
         craft_report_metrics [True]: True logs every CRAFT metric, False none, or a list naming a subset of
             "contrastive_accuracy", "representation_consistency", "temperature". The loss terms are always logged.
@@ -83,18 +83,27 @@ class CRAFTConfigMixin:
     craft_assistant_mask_key: str = "assistant_mask"
     craft_report_metrics: bool | list[str] = field(default=True)
 
-    # Knobs accepted and validated now whose implementation arrives in a later release: turning one on is an
-    # error rather than a silent no-op. A subclass that implements one removes it from this set. (A ClassVar,
-    # not a field: it is not a user setting and must stay out of `to_dict()` / the saved JSON.)
-    craft_unavailable_features: ClassVar[frozenset[str]] = frozenset(
-        {"craft_use_gradcache", "craft_negative_strategy", "craft_gradient_balancing"}
-    )
-
     def __post_init__(self):
         validate_craft_config(self)
         parent_post_init = getattr(super(), "__post_init__", None)
         if parent_post_init is not None:
             parent_post_init()
+
+    @classmethod
+    def from_preset(cls, name: str, output_dir: str, **overrides):
+        """This config class from a preset of `craft.presets.PRESETS` (overrides win):
+        ``CRAFTSFTConfig.from_preset("balanced", output_dir="out", learning_rate=1e-5)``."""
+        from craft.presets import config_from_preset
+
+        return config_from_preset(cls, name, output_dir, **overrides)
+
+    @classmethod
+    def auto(cls, output_dir: str, model, sft_dataset, contrastive_dataset=None, available_memory_gb=None,
+             **overrides):
+        """This config class with settings chosen from the model, datasets and memory (`craft.presets.auto_config`)."""
+        from craft.presets import auto_config
+
+        return auto_config(cls, output_dir, model, sft_dataset, contrastive_dataset, available_memory_gb, **overrides)
 
     def craft_metric_enabled(self, name: str) -> bool:
         """Whether metric `name` (one of REPORTABLE_METRICS) is to be logged."""
@@ -149,7 +158,6 @@ def validate_craft_config(config) -> None:
     _require(isinstance(config.craft_assistant_mask_key, str) and config.craft_assistant_mask_key, key,
              f"must be a non-empty column name, got {config.craft_assistant_mask_key!r}")
     _validate_report_metrics(config.craft_report_metrics)
-    _reject_unavailable(config)
 
 
 def _validate_report_metrics(value) -> None:
@@ -158,23 +166,6 @@ def _validate_report_metrics(value) -> None:
     ok = isinstance(value, (list, tuple)) and all(name in REPORTABLE_METRICS for name in value)
     _require(ok, "craft_report_metrics",
              f"must be True, False or a list of {', '.join(map(repr, REPORTABLE_METRICS))}, got {value!r}")
-
-
-# knob -> (value that means "off", what to say when it is on)
-_OFF_VALUES = {
-    "craft_use_gradcache": (False, "GradCache is not available in this release; set craft_use_gradcache=False"),
-    "craft_negative_strategy": ("in_batch", "the negative queue is not available in this release; use 'in_batch'"),
-    "craft_gradient_balancing": ("none", "gradient balancing is not available in this release; use 'none'"),
-}
-
-
-def _reject_unavailable(config) -> None:
-    for key in config.craft_unavailable_features:
-        off_value, message = _OFF_VALUES[key]
-        value = getattr(config, key)
-        if key == "craft_negative_strategy" and value == "none":
-            continue  # in-batch negatives without extras: the same loss as "in_batch"
-        _require(value == off_value, key, f"{message} (got {value!r})")
 
 
 def craft_field_names() -> list[str]:
@@ -202,3 +193,67 @@ class CRAFTTrainingArguments(CRAFTConfigMixin, _training_arguments_class()):
 @dataclass
 class CRAFTSFTConfig(CRAFTConfigMixin, _sft_config_class()):
     """`trl.SFTConfig` plus the CRAFT knobs, for `craft.trainers.CRAFTSFTTrainer`."""
+
+
+class TRLFeatureUnavailable(UserError, ImportError):
+    """A CRAFT class whose TRL counterpart the installed TRL does not have (raised when the name is imported)."""
+
+
+def trl_version() -> str:
+    import trl
+
+    return trl.__version__
+
+
+def _trl_config_class(name: str):
+    import trl
+
+    return getattr(trl, name)
+
+
+@dataclass
+class CRAFTDPOConfig(CRAFTConfigMixin, _trl_config_class("DPOConfig")):
+    """`trl.DPOConfig` plus the CRAFT knobs, for `craft.trainers.CRAFTDPOTrainer`."""
+
+
+@dataclass
+class CRAFTGRPOConfig(CRAFTConfigMixin, _trl_config_class("GRPOConfig")):
+    """`trl.GRPOConfig` plus the CRAFT knobs, for `craft.trainers.CRAFTGRPOTrainer`."""
+
+
+@dataclass
+class CRAFTKTOConfig(CRAFTConfigMixin, _trl_config_class("KTOConfig")):
+    """`trl.KTOConfig` plus the CRAFT knobs, for `craft.trainers.CRAFTKTOTrainer`."""
+
+
+@dataclass
+class CRAFTRLOOConfig(CRAFTConfigMixin, _trl_config_class("RLOOConfig")):
+    """`trl.RLOOConfig` plus the CRAFT knobs, for `craft.trainers.CRAFTRLOOTrainer`."""
+
+
+_LAZY_CONFIGS: dict[str, type] = {}
+
+
+def _lazy_config(name: str):
+    """CRAFTORPOConfig (ORPO lives in `trl.experimental`, imported only when asked for) and CRAFTPPOConfig
+    (only with a TRL that has PPOConfig)."""
+    import trl
+
+    if name == "CRAFTORPOConfig":
+        from trl.experimental.orpo import ORPOConfig as host
+    else:
+        host = getattr(trl, "PPOConfig", None)
+        if host is None:
+            raise TRLFeatureUnavailable(
+                f"CRAFTPPOConfig needs trl.PPOConfig, which TRL {trl_version()} does not have (TRL 1.x removed PPO); "
+                "use CRAFTGRPOConfig or CRAFTRLOOConfig for online RL, or install a TRL that ships PPOTrainer")
+    doc = f"`{host.__module__}.{host.__name__}` plus the CRAFT knobs."
+    return dataclass(type(name, (CRAFTConfigMixin, host), {"__doc__": doc, "__module__": __name__}))
+
+
+def __getattr__(name: str):
+    if name in ("CRAFTORPOConfig", "CRAFTPPOConfig"):
+        if name not in _LAZY_CONFIGS:
+            _LAZY_CONFIGS[name] = _lazy_config(name)
+        return _LAZY_CONFIGS[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -19,6 +19,14 @@
 The projection head and the InfoNCE module (with its learnable temperature) live in `trainer.craft_modules`,
 are added to the optimizer, saved as `craft_state.pt` in every checkpoint / `save_model` directory, and restored
 by `train(resume_from_checkpoint=...)`.
+
+At scale (see docs/craft_scale.md): `craft_use_gradcache` sends contrastive micro-batches through
+`craft.gradcache.contrastive_gradcache_loss`; `craft_negative_strategy="queue"` adds `trainer.craft_queue`
+(`craft.negatives.NegativeQueue`, saved in `craft_state.pt`) as extra negatives; `craft_gradient_balancing`
+multiplies each task's weight by a balancing weight (`trainer.craft_balancing`, logged as
+`balancing/craft_weight_sft|contrastive` = alpha-weight x balancing weight). The preference / RL wrappers
+(`CRAFTDPOTrainer`, `CRAFTGRPOTrainer`, `CRAFTKTOTrainer`, `CRAFTRLOOTrainer`, `CRAFTORPOTrainer`,
+`CRAFTPPOTrainer`) live in `craft.trl_wrappers` and are importable from here.
 """
 
 from __future__ import annotations
@@ -46,9 +54,12 @@ from craft.accumulator import (
 from craft.config import CRAFTConfigMixin
 from craft.data import CRAFTCollator, CRAFTMixedDataLoader, assistant_token_mask, build_loader
 from craft.errors import UserError
+from craft.gradcache import contrastive_gradcache_loss
+from craft.gradient_balancing import CONTRASTIVE_TASK, SFT_TASK, BalancedScaler, GradientBalancing
 from craft.hooks import LastHiddenStateCapture, unwrap_model
 from craft.losses import InfoNCELoss, ProjectionHead
 from craft.metrics import EMAReference, contrastive_accuracy
+from craft.negatives import NegativeQueue
 
 CRAFT_STATE_NAME = "craft_state.pt"
 EMA_DECAY = 0.99  # representation-consistency reference: roughly the last hundred contrastive batches
@@ -174,6 +185,14 @@ class CRAFTTrainerMixin:
         self.loss_is_scaled_for_ga = True
         base = unwrap_model(self.model)
         self.craft_modules = CRAFTModules(base.config.get_text_config().hidden_size, self.args).to(self.args.device)
+        self.craft_queue = (NegativeQueue(self.args.craft_negative_queue_size)
+                            if self.args.craft_negative_strategy == "queue" else None)
+        self.craft_balancing = GradientBalancing(self.args.craft_gradient_balancing, self.args.craft_alpha,
+                                                 seed=self.args.seed)
+        if self.craft_balancing.module is not None:
+            # uncertainty's log-variances: in the optimizer, all-reduced and saved along with the head
+            self.craft_modules.add_module("balancing", self.craft_balancing.module.to(self.args.device))
+        self._craft_step_losses: dict[int, float] = {}
         self.craft_ema = EMAReference(EMA_DECAY)
         self._craft_forward_names = set(inspect.signature(base.forward).parameters) | set(_LABEL_KEYS)
         self._craft_window: _WindowLog | None = None
@@ -247,9 +266,19 @@ class CRAFTTrainerMixin:
             summed = self.accelerator.gather(
                 torch.tensor([local.sft_tokens, local.contrastive_terms], device=device)).view(world, 2).sum(0)
             total = WindowCounts(int(summed[0]), int(summed[1]))
-        self._craft_scaler = AccumulationScaler(self.args.craft_alpha, total, world_size=world)
+        self._craft_scaler = self._craft_balanced_scaler(AccumulationScaler(self.args.craft_alpha, total, world))
         self._craft_window = _WindowLog(local, len(batches))
         return batches, torch.tensor(total.sft_tokens, device=device)
+
+    def _craft_balanced_scaler(self, scaler: AccumulationScaler) -> BalancedScaler:
+        """`scaler` with this step's balancing weights (`craft.gradient_balancing.BalancedScaler`)."""
+        return BalancedScaler(scaler, self.craft_balancing, split_backward=self._craft_backward_contrastive_part)
+
+    def _craft_backward_contrastive_part(self, loss: torch.Tensor) -> None:
+        """gradnorm / pcgrad with self-align: the contrastive part of a micro-batch gets its own backward (the graph
+        is kept for the SFT part) and its gradient goes to the contrastive buffer."""
+        self.accelerator.backward(loss, retain_graph=True)
+        self.craft_balancing.collect(self._craft_trainable_parameters(), CONTRASTIVE_TASK)
 
     def _craft_model_inputs(self, inputs) -> dict:
         """The entries of a batch the model forward takes (drops the batch tag, assistant mask, `*_tgt`, ...)."""
@@ -271,8 +300,7 @@ class CRAFTTrainerMixin:
         self.craft_modules.train()
         inputs = _with_default_labels(inputs, kind)
         if kind == CONTRASTIVE:
-            loss, _, _ = self._contrastive_loss(model, inputs)
-            loss = self._craft_scaler.micro_batch_loss(contrastive_loss=loss)
+            loss = self._craft_contrastive_micro_batch_loss(model, inputs)
         else:
             loss = self._sft_micro_batch_loss(model, inputs)
         self._craft_end_micro_batch()
@@ -284,14 +312,15 @@ class CRAFTTrainerMixin:
         if not self.craft_self_align:
             token_sum = self._sft_token_sum(model, self._craft_model_inputs(inputs), num_tokens)
             self._craft_window.sft_nll_sum += float(token_sum.detach())
-            return self._craft_scaler.micro_batch_loss(sft_token_sum=token_sum)
+            return self._craft_scaler.micro_batch_loss(sft_token_sum=token_sum, sft_tokens=num_tokens)
         anchor_mask, positive_mask = self._self_align_masks(inputs)
         with self._hidden_state_capture(model) as capture:
             token_sum = self._sft_token_sum(model, {**self._craft_model_inputs(inputs), **capture.forward_kwargs},
                                             num_tokens)
         contrastive, _, _ = self._pooled_infonce(capture.hidden, anchor_mask, positive_mask)
         self._craft_window.sft_nll_sum += float(token_sum.detach())
-        return self._craft_scaler.micro_batch_loss(sft_token_sum=token_sum, contrastive_loss=contrastive)
+        return self._craft_scaler.micro_batch_loss(sft_token_sum=token_sum, contrastive_loss=contrastive,
+                                                   sft_tokens=num_tokens)
 
     def _sft_token_sum(self, model, model_inputs: dict, num_tokens: int) -> torch.Tensor:
         """S_b: the host's causal-LM loss of this micro-batch as a sum over its target tokens (not a mean).
@@ -308,6 +337,13 @@ class CRAFTTrainerMixin:
         if self.args.average_tokens_across_devices:
             loss = loss / (self.accelerator.num_processes // self.get_tp_size())
         return loss
+
+    def _craft_contrastive_micro_batch_loss(self, model, batch) -> torch.Tensor:
+        """The weighted InfoNCE of one contrastive micro-batch, through GradCache when `craft_use_gradcache`."""
+        if self.args.craft_use_gradcache:
+            return contrastive_gradcache_loss(self, model, batch)
+        loss, _, _ = self._contrastive_loss(model, batch)
+        return self._craft_scaler.micro_batch_loss(contrastive_loss=loss)
 
     def _contrastive_loss(self, model, batch):
         """InfoNCE of one contrastive micro-batch: (loss, logits [B, B], anchor embeddings [B, D]).
@@ -364,7 +400,11 @@ class CRAFTTrainerMixin:
 
         Every contrastive term of both strategies goes through here: the one place extra negatives plug in.
         """
-        loss, logits = self.craft_modules.infonce(anchors, positives, return_logits=True)
+        queue = self.craft_queue
+        negatives = None if queue is None else queue.negatives()
+        loss, logits = self.craft_modules.infonce(anchors, positives, negatives=negatives, return_logits=True)
+        if queue is not None:
+            queue.enqueue(positives)  # after the loss: detached copies, written out of place
         self._craft_record_contrastive(loss, logits, anchors)
         return loss, logits, anchors
 
@@ -407,6 +447,24 @@ class CRAFTTrainerMixin:
             self._craft_logs["loss/craft_contrast"].append(contrast)
             total += (1 - alpha) * contrast
         self._craft_logs["loss/craft_total"].append(total)
+        self._craft_end_step_balancing(window)
+
+    def _craft_end_step_balancing(self, window: _WindowLog) -> None:
+        """Log the step's effective weights (alpha-weight x balancing weight); loss_scale and gradnorm get the
+        step's task losses averaged over ranks."""
+        balancing = self.craft_balancing
+        for task, weight in balancing.effective_weights().items():
+            self._craft_logs[f"balancing/craft_weight_{task}"].append(weight)
+        if balancing.strategy not in ("loss_scale", "gradnorm"):
+            return
+        sums = torch.tensor([window.sft_nll_sum, window.counts.sft_tokens, window.contrastive_sum,
+                             window.counts.contrastive_terms], dtype=torch.float64, device=self.args.device)
+        if self.accelerator.num_processes > 1:
+            torch.distributed.all_reduce(sums)
+        sums = sums.tolist()
+        self._craft_step_losses = {task: sums[2 * task] / sums[2 * task + 1]
+                                   for task in (SFT_TASK, CONTRASTIVE_TASK) if sums[2 * task + 1] > 0}
+        balancing.end_step(self._craft_step_losses)
 
     def log(self, logs, start_time=None):
         """Trainer logs plus the CRAFT terms averaged over the logging interval (training logs only)."""
@@ -418,10 +476,48 @@ class CRAFTTrainerMixin:
     # ------------------------------------------------------------------------------ optimizer and state
 
     def training_step(self, model, inputs, num_items_in_batch=None):
+        if self.craft_balancing.per_task_gradients:
+            return self._craft_per_task_training_step(model, inputs, num_items_in_batch)
         loss = super().training_step(model, inputs, num_items_in_batch)
-        if self.accelerator.num_processes > 1 and self._craft_window is not None and self._craft_window.remaining == 0:
+        if self.accelerator.num_processes > 1 and self._craft_step_complete():
             self._craft_all_reduce_gradients()
         return loss
+
+    def _craft_step_complete(self) -> bool:
+        return self._craft_window is not None and self._craft_window.remaining == 0
+
+    def _craft_per_task_training_step(self, model, inputs, num_items_in_batch):
+        """gradnorm / pcgrad: each micro-batch's gradient goes to its task's buffer without DDP synchronisation;
+        after the step's last micro-batch the buffers are averaged over ranks and combined into `.grad`."""
+        task = CONTRASTIVE_TASK if batch_type(inputs) == CONTRASTIVE else SFT_TASK
+        with self.accelerator.no_sync(model):
+            loss = super().training_step(model, inputs, num_items_in_batch)
+        params = self._craft_trainable_parameters()
+        self.craft_balancing.collect(params, task)
+        if self._craft_step_complete():
+            average = self._craft_average_over_ranks if self.accelerator.num_processes > 1 else None
+            self.craft_balancing.combine(params, self._craft_step_losses, self._craft_last_layer_indices(params),
+                                         average)
+        return loss
+
+    def _craft_trainable_parameters(self) -> list[torch.Tensor]:
+        """The model's and the CRAFT modules' trainable parameters, in a fixed order (the same on every rank)."""
+        return [p for p in itertools.chain(self.model.parameters(), self.craft_modules.parameters()) if p.requires_grad]
+
+    def _craft_last_layer_indices(self, params) -> list[int]:
+        """Indices in `params` of the last decoder layer's trainable parameters: GradNorm's shared layer W."""
+        layers = [m for name, m in unwrap_model(self.model).named_modules()
+                  if isinstance(m, nn.ModuleList) and name.split(".")[-1] in ("layers", "h", "blocks")]
+        last = {id(p) for p in layers[-1][-1].parameters()} if layers and len(layers[-1]) else set()
+        indices = [i for i, p in enumerate(params) if id(p) in last]
+        if not indices and self.craft_balancing.strategy == "gradnorm":
+            raise UserError("craft_gradient_balancing='gradnorm' needs trainable parameters in the last decoder "
+                            "layer (its shared layer W); that layer is frozen or was not found")
+        return indices
+
+    def _craft_average_over_ranks(self, vector: torch.Tensor) -> torch.Tensor:
+        torch.distributed.all_reduce(vector)
+        return vector / self.accelerator.num_processes
 
     def _craft_all_reduce_gradients(self) -> None:
         """Average the CRAFT modules' gradients over ranks, as DDP does for the model's (they are not in DDP)."""
@@ -455,11 +551,21 @@ class CRAFTTrainerMixin:
     def craft_state_dict(self) -> dict:
         """Projection head, InfoNCE (temperature) and EMA reference state."""
         modules = {k: v.detach().cpu() for k, v in self.craft_modules.state_dict().items()}
-        return {"modules": modules, "ema": self.craft_ema.state_dict()}
+        state = {"modules": modules, "ema": self.craft_ema.state_dict(), "balancing": self.craft_balancing.state_dict()}
+        if self.craft_queue is not None:
+            state["queue"] = self.craft_queue.state_dict()
+        return state
 
     def load_craft_state_dict(self, state: dict) -> None:
         self.craft_modules.load_state_dict(state["modules"])
         self.craft_ema.load_state_dict(state["ema"])
+        if "balancing" in state:
+            self.craft_balancing.load_state_dict(state["balancing"])
+        if self.craft_queue is not None:
+            if "queue" not in state:
+                raise UserError("the checkpoint has no negative queue (it was trained without "
+                                "craft_negative_strategy='queue'); resume with the same strategy")
+            self.craft_queue.load_state_dict(state["queue"], device=self.args.device)
 
     def save_model(self, output_dir=None, _internal_call=False):
         """The host's save plus `craft_state.pt` next to the weights (also inside every checkpoint)."""
@@ -528,3 +634,16 @@ class CRAFTSFTTrainer(CRAFTTrainerMixin, _sft_trainer_class()):
         super().__init__(model=model, args=args, train_dataset=train_dataset, data_collator=data_collator,
                          craft_bundle=craft_bundle, craft_sft_loader=craft_sft_loader,
                          craft_contrastive_loader=craft_contrastive_loader, **kwargs)
+
+
+_TRL_WRAPPERS = ("CRAFTDPOTrainer", "CRAFTGRPOTrainer", "CRAFTKTOTrainer", "CRAFTRLOOTrainer", "CRAFTORPOTrainer",
+                 "CRAFTPPOTrainer")
+
+
+def __getattr__(name: str):
+    """The preference / RL wrappers of `craft.trl_wrappers`, built on first import of their name."""
+    if name in _TRL_WRAPPERS:
+        from craft import trl_wrappers
+
+        return getattr(trl_wrappers, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
