@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from craft.config import CRAFTConfigMixin, CRAFTSFTConfig, CRAFTTrainingArguments, craft_field_names
+from craft.config import CRAFTSFTConfig, CRAFTTrainingArguments, craft_field_names
 from craft.errors import UserError
 
 README_DEFAULTS = {
