@@ -171,3 +171,26 @@ def test_split_into_chunks():
     assert split_into_chunks(7, 3) == [slice(0, 3), slice(3, 6), slice(6, 7)]
     with pytest.raises(UserError, match="craft_gradcache_chunk_size"):
         split_into_chunks(4, 0)
+
+
+# --------------------------------------------------------------------------------------------- in the trainer
+
+
+@pytest.mark.parametrize("strategy", ["paired_dataset", "self_align"])
+def test_trainer_gradcache_step_equals_plain_step(strategy, tmp_path):
+    """One window (an SFT and a contrastive micro-batch): GradCache and the plain path give the same gradients."""
+    from craft_scale_helpers import step_gradients, window
+
+    kinds = ["sft", "contrastive"]
+    batches = window(kinds)
+    if strategy == "self_align":  # self-align contrastive micro-batches are chat rows with labels
+        batches[1] = {**window(["sft", "sft"], seed=21)[1], "craft_batch_type": "contrastive"}
+    from craft_scale_helpers import craft_trainer
+
+    grads = {}
+    for gradcache in (False, True):
+        trainer = craft_trainer(tmp_path, strategy, craft_use_gradcache=gradcache, craft_gradcache_chunk_size=1,
+                                craft_learnable_temperature=True, gradient_accumulation_steps=2)
+        grads[gradcache] = torch.cat([g.flatten() for g in step_gradients(trainer, [dict(b) for b in batches])])
+    error = float((grads[True] - grads[False]).norm() / grads[False].norm())
+    assert error < 1e-5

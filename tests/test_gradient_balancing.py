@@ -228,3 +228,64 @@ def test_controller_loss_scale_updates_at_step_end_only():
     assert restored.effective_weights() == pytest.approx({"sft": 0.3, "contrastive": 0.8})
     with pytest.raises(UserError, match="craft_gradient_balancing='loss_scale'"):
         GradientBalancing("pcgrad", alpha=0.6).load_state_dict(balancing.state_dict())
+
+
+# -------------------------------------------------------------------------------------------- in the trainer
+
+
+def test_trainer_loss_scale_weights_follow_the_logged_losses(tmp_path):
+    from craft_scale_helpers import craft_trainer
+
+    trainer = craft_trainer(tmp_path, craft_gradient_balancing="loss_scale", gradient_accumulation_steps=2,
+                            craft_beta=0.5, max_steps=2)
+    trainer.train()
+    first, second = [e for e in trainer.state.log_history if "balancing/craft_weight_sft" in e]
+    assert first["balancing/craft_weight_sft"] == pytest.approx(0.6)  # lambda = 1 before any loss
+    assert first["balancing/craft_weight_contrastive"] == pytest.approx(0.4)
+    # after step 1 the running means are step 1's losses: lambda_i = 1 / L_i
+    assert second["balancing/craft_weight_sft"] == pytest.approx(0.6 / first["loss/craft_sft"], rel=1e-5)
+    assert second["balancing/craft_weight_contrastive"] == pytest.approx(0.4 / first["loss/craft_contrast"], rel=1e-5)
+
+
+def test_trainer_uncertainty_log_variances_are_trained_and_saved(tmp_path):
+    from craft_scale_helpers import craft_trainer
+
+    trainer = craft_trainer(tmp_path, craft_gradient_balancing="uncertainty", gradient_accumulation_steps=2,
+                            craft_beta=0.5, max_steps=3, learning_rate=0.1)
+    trainer.train()
+    s = trainer.craft_modules.balancing.log_variance.detach()
+    in_optimizer = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
+    assert id(trainer.craft_modules.balancing.log_variance) in in_optimizer
+    assert float(s.abs().min()) > 0  # both moved away from 0
+    last = [e for e in trainer.state.log_history if "balancing/craft_weight_sft" in e][-1]
+    assert "balancing.log_variance" in trainer.craft_state_dict()["modules"]
+    assert last["balancing/craft_weight_sft"] > 0
+
+
+def test_trainer_pcgrad_step_equals_the_formula_on_shared_parameters(tmp_path):
+    from craft_scale_helpers import craft_trainer, step_gradients, trainable, window
+
+    batches = window(["sft", "contrastive"])
+    balanced = craft_trainer(tmp_path, craft_gradient_balancing="pcgrad", gradient_accumulation_steps=2)
+    got = step_gradients(balanced, [dict(b) for b in batches])
+    plain = craft_trainer(tmp_path, gradient_accumulation_steps=2)
+    plain.model.zero_grad(set_to_none=True)
+    micro_batches, num_items = plain.get_batch_samples(iter([dict(b) for b in batches]), 2, plain.args.device)
+    plain.current_gradient_accumulation_steps = 2
+    task_grads = []
+    for batch in micro_batches:  # the same window weights, one task at a time
+        plain.training_step(plain.model, batch, num_items)
+        task_grads.append([p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in trainable(plain)])
+        for p in trainable(plain):
+            p.grad = None
+    g_sft, g_con = task_grads
+    shared = [i for i in range(len(got)) if bool(g_sft[i].any()) and bool(g_con[i].any())]
+    assert 0 < len(shared) < len(got)  # the LM head is SFT-only, the projection head contrastive-only
+    flat_sft = torch.cat([g_sft[i].flatten() for i in shared])
+    flat_con = torch.cat([g_con[i].flatten() for i in shared])
+    expected = pcgrad([flat_sft, flat_con])
+    assert torch.allclose(torch.cat([got[i].flatten() for i in shared]), expected, atol=1e-6)
+    for i in set(range(len(got))) - set(shared):
+        assert torch.allclose(got[i], g_sft[i] + g_con[i], atol=1e-7)
+    conflict = float(flat_sft @ flat_con) < 0
+    assert conflict == (not torch.allclose(expected, flat_sft + flat_con))

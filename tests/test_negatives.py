@@ -112,3 +112,29 @@ def test_queue_errors_name_the_setting():
         queue.enqueue(torch.zeros(2, 5))
     with pytest.raises(UserError, match="capacity 4"):
         NegativeQueue(8).load_state_dict(queue.state_dict())
+
+
+def test_trainer_queue_trains_fifty_steps_and_resumes_identically(tmp_path):
+    from craft_scale_helpers import craft_trainer
+    from craft.testing import tiny_model
+    from craft.trainers import CRAFT_STATE_NAME
+
+    small = dict(hidden_size=32, num_layers=1)  # 50 steps: the smallest model that still has every part
+    trainer = craft_trainer(tmp_path, model=tiny_model("llama", **small), craft_negative_strategy="queue",
+                            craft_negative_queue_size=16, craft_beta=0.5, max_steps=50, save_strategy="steps",
+                            save_steps=50, learning_rate=1e-3)
+    trainer.train()
+    assert trainer.state.global_step == 50
+    losses = [e["loss/craft_contrast"] for e in trainer.state.log_history if "loss/craft_contrast" in e]
+    assert len(losses) == 25 and all(torch.isfinite(torch.tensor(losses)))
+    accuracies = [e["metrics/craft_contrastive_accuracy"] for e in trainer.state.log_history
+                  if "metrics/craft_contrastive_accuracy" in e]
+    assert len(trainer.craft_queue) == 16
+    checkpoint = tmp_path / "checkpoint-50"
+    assert (checkpoint / CRAFT_STATE_NAME).is_file()
+    resumed = craft_trainer(tmp_path / "resumed", model=tiny_model("llama", **small), craft_negative_strategy="queue",
+                            craft_negative_queue_size=16)
+    assert resumed.craft_queue.negatives() is None
+    resumed._load_from_checkpoint(str(checkpoint))
+    assert torch.equal(resumed.craft_queue.ordered(), trainer.craft_queue.ordered())
+    assert accuracies  # logged with [B, B + N] logits

@@ -15,7 +15,7 @@ from craft.testing import make_tokenizer, tiny_model
 
 VOCAB = 384
 TEXTS = ["the cat sat", "a ship sails", "my friend reads", "the river runs", "our crew sings", "the storm ends",
-         "a teacher waits", "the market opens"]  # 8 rows: 4 micro-batches of 2, i.e. 2 steps per epoch
+         "a teacher waits", "the market opens"]  # 8 rows: 4 micro-batches of 2 per epoch
 
 
 def _pairs(n=8, seed=2):
@@ -45,7 +45,7 @@ def _trainer(kind: str, tmp_path, alpha=0.5, beta=1.0, **overrides):
 
     config_class = getattr(config, f"CRAFT{kind}Config")
     trainer_class = getattr(trainers, f"CRAFT{kind}Trainer")
-    settings = dict(output_dir=str(tmp_path), per_device_train_batch_size=2, gradient_accumulation_steps=2,
+    settings = dict(output_dir=str(tmp_path), per_device_train_batch_size=2, gradient_accumulation_steps=1,
                     max_steps=3, use_cpu=True, report_to=[], bf16=False, logging_steps=1, save_strategy="no",
                     learning_rate=1e-3, seed=0, disable_tqdm=True, craft_projection_dim=16, craft_temperature=0.1,
                     craft_alpha=alpha, craft_beta=beta)
@@ -96,15 +96,15 @@ def test_wrapper_trains_and_contrastive_gradient_reaches_the_model(kind, tmp_pat
         before = probe.grad.clone() if probe.grad is not None else torch.zeros_like(probe)
         original_step(wrapped_model)
         deltas.append(probe.grad - before)
-        if len(deltas) == 1:  # first micro-batch: alpha 0.5, M = 2 contrastive terms in the step (GA 2, beta 1)
-            references.append(_reference_contrastive_grad(trainer, model, seen[-1], 0.5 / 2, probe))
+        if len(deltas) == 1:  # first micro-batch: alpha 0.5, M = 1 contrastive term in the step (GA 1, beta 1)
+            references.append(_reference_contrastive_grad(trainer, model, seen[-1], 0.5, probe))
 
     trainer._craft_next_contrastive_batch = next_batch
     trainer._craft_auxiliary_contrastive = spy
     start = probe.detach().clone()
     trainer.train()
     assert trainer.state.global_step == 3
-    assert len(deltas) == 6  # 3 steps x 2 micro-batches, each with a contrastive micro-batch
+    assert len(deltas) == 3  # 3 steps of one micro-batch, each with a contrastive micro-batch
     assert all(float(d.abs().sum()) > 0 for d in deltas)
     assert torch.allclose(deltas[0], references[0], atol=1e-6, rtol=1e-4)
     assert not torch.equal(start, probe.detach())
@@ -113,7 +113,7 @@ def test_wrapper_trains_and_contrastive_gradient_reaches_the_model(kind, tmp_pat
 
 
 def test_wrapper_beta_schedules_the_contrastive_micro_batches(tmp_path):
-    trainer = _trainer("DPO", tmp_path, beta=0.5)
+    trainer = _trainer("DPO", tmp_path, beta=0.5, gradient_accumulation_steps=2)
     calls = []
     original = trainer._craft_auxiliary_contrastive
     trainer._craft_auxiliary_contrastive = lambda m: (calls.append(trainer._craft_micro_batch_index - 1), original(m))

@@ -114,16 +114,6 @@ def gradcache_backward(encode: Callable[[Any], Tensor], chunks: Sequence[Any], l
 # ---------------------------------------------------------------------------------------- CRAFT trainers
 
 
-def unused_logits_term(output) -> Tensor:
-    """``0 · Σ logits`` of a model output whose logits the contrastive loss does not use.
-
-    Adding it to the loss puts the LM head in the graph with a zero gradient, so DDP's reducer sees every
-    parameter take part in the backward (without it DDP stops at the next forward, or needs the slower
-    ``find_unused_parameters=True``).
-    """
-    return output.logits.float().sum() * 0.0
-
-
 def _trim_right_padding(*tensors: Tensor, mask: Tensor) -> tuple[Tensor, ...]:
     """Drop the trailing columns where ``mask`` [b, T] is 0 in every row (right padding of a chunk).
 
@@ -150,11 +140,8 @@ def contrastive_gradcache_loss(trainer, model, batch) -> Tensor:
     chunk_size = trainer.args.craft_gradcache_chunk_size
 
     def hidden_of(ids, mask):
-        """The last hidden state [b, T, H], plus 0 times the logits (see `unused_logits_term`)."""
-        with trainer._hidden_state_capture(model) as capture:
-            output = model(input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=1,
-                           **capture.forward_kwargs)
-        return capture.hidden, unused_logits_term(output)
+        """The last hidden state [b, T, H] and a zero tied to the logits (the LM head's zero gradient for DDP)."""
+        return trainer._forward_hidden(model, ids, mask)
 
     def project(pooled):
         return modules.projection(pooled.to(modules.projection.fc1.weight.dtype))

@@ -1,0 +1,76 @@
+"""Shared by the CRAFT-at-scale tests: toy datasets and a tiny CRAFTSFTTrainer, built offline and seeded."""
+
+from __future__ import annotations
+
+import torch
+from datasets import Dataset
+
+from craft.config import CRAFTSFTConfig
+from craft.data import CRAFTCollator, make_craft_datasets
+from craft.testing import make_tokenizer, tiny_model
+from craft.trainers import CRAFTSFTTrainer
+
+VOCAB = 384
+COLLATE = CRAFTCollator(pad_token_id=3)
+
+
+def chat_rows(n: int, seed: int) -> list[dict]:
+    """Rows of 5..10 tokens whose first 2..4 tokens are the prompt (labels -100) and the rest the answer."""
+    gen = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(n):
+        length = int(torch.randint(5, 11, (1,), generator=gen))
+        prompt = int(torch.randint(2, 5, (1,), generator=gen))
+        ids = torch.randint(4, VOCAB, (length,), generator=gen).tolist()
+        rows.append({"input_ids": ids, "attention_mask": [1] * length, "labels": [-100] * prompt + ids[prompt:]})
+    return rows
+
+
+def pair_rows(n: int, seed: int) -> list[dict]:
+    gen = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(n):
+        a, p = (int(torch.randint(3, 9, (1,), generator=gen)) for _ in range(2))
+        rows.append({"input_ids": torch.randint(4, VOCAB, (a,), generator=gen).tolist(),
+                     "input_ids_tgt": torch.randint(4, VOCAB, (p,), generator=gen).tolist()})
+    return rows
+
+
+def craft_trainer(output_dir, strategy: str = "paired_dataset", model=None, **config):
+    """A CRAFTSFTTrainer on a tiny Llama with 8 SFT rows and 8 contrastive pairs (or self-align rows)."""
+    sft = Dataset.from_list(chat_rows(8, seed=1))
+    contrastive = Dataset.from_list(pair_rows(8, seed=2)) if strategy == "paired_dataset" else None
+    bundle = make_craft_datasets(sft, contrastive_dataset=contrastive, strategy=strategy)
+    settings = dict(output_dir=str(output_dir), per_device_train_batch_size=2, use_cpu=True, report_to=[],
+                    bf16=False, learning_rate=1e-2, logging_steps=1, save_strategy="no", seed=0, disable_tqdm=True,
+                    craft_projection_dim=16, craft_temperature=0.1, max_grad_norm=0.0)
+    settings.update(config)
+    return CRAFTSFTTrainer(model=model if model is not None else tiny_model("llama"), args=CRAFTSFTConfig(**settings),
+                           train_dataset=sft, craft_bundle=bundle, data_collator=COLLATE,
+                           processing_class=make_tokenizer())
+
+
+def window(kinds: list[str], seed: int = 11) -> list[dict]:
+    """Collated micro-batches of 2 rows, tagged "sft" or "contrastive" in the order given."""
+    sft, pairs = chat_rows(16, seed), pair_rows(16, seed + 1)
+    batches = []
+    for k, kind in enumerate(kinds):
+        rows = pairs if kind == "contrastive" else sft
+        batch = COLLATE(rows[2 * k:2 * k + 2])
+        batch["craft_batch_type"] = kind
+        batches.append(batch)
+    return batches
+
+
+def trainable(trainer) -> list[torch.Tensor]:
+    return trainer._craft_trainable_parameters()
+
+
+def step_gradients(trainer, batches) -> list[torch.Tensor]:
+    """The real path for one window: get_batch_samples, then training_step per micro-batch; the gradients."""
+    trainer.model.zero_grad(set_to_none=True)
+    micro_batches, num_items = trainer.get_batch_samples(iter(batches), len(batches), trainer.args.device)
+    trainer.current_gradient_accumulation_steps = len(micro_batches)
+    for batch in micro_batches:
+        trainer.training_step(trainer.model, batch, num_items)
+    return [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in trainable(trainer)]
