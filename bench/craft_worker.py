@@ -47,7 +47,7 @@ CONTRASTIVE_ROW_KEYS = ("input_ids", "attention_mask", "input_ids_tgt", "attenti
 
 
 def build_model(hidden: int, layers: int, vocab: int, seq: int, device: str, dtype: torch.dtype):
-    """A random-init Llama (`hidden`, `layers`, 4 heads of hidden/4, SwiGLU 8/3·hidden), seed 0."""
+    """A random-init Llama (`hidden`, `layers`, hidden/64 heads of 64, SwiGLU 8/3·hidden, untied head), seed 0."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     heads = max(1, hidden // 64)
