@@ -8,7 +8,6 @@ zephyr-7b), the tokenized toy datasets, and the CPU / no-reporting / few-steps s
 from __future__ import annotations
 
 import pytest
-import torch
 from datasets import Dataset
 from torch.utils.data import DataLoader
 
