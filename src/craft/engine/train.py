@@ -314,6 +314,8 @@ class TrainingRun:
                     last_checkpoint = time.monotonic()
                 if os.environ.get("CRAFT_KILL_AT_STEP") == str(progress.step):
                     os.kill(os.getpid(), signal.SIGKILL)
+                if epoch_done:
+                    break  # end_epoch() moved the position to the next epoch: it needs a fresh iterator
         self.maybe_evaluate()
         self.log.close()
         summary = {"run_dir": str(self.run_dir), "steps": progress.step, "tokens": progress.tokens,
