@@ -49,7 +49,7 @@ def test_each_rank_trains_on_its_own_shard(results, mode):
     result = results[mode]
     assert all(n > 0 for n in result["rows_per_rank"])
     assert result["shards_differ"]
-    assert result["shards_overlap"] == 0  # 16 distinct rows split 8 / 8 by the distributed sampler
+    assert result["shards_overlap"] == 0  # distinct rows, split by the distributed sampler, within one epoch
 
 
 @pytest.mark.slow
