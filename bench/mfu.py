@@ -20,8 +20,9 @@ memory is per mode. Tokens/s is the median of the engine's own per-step `train/t
 
 Peak FLOP/s: bf16 dense tensor-core peak from a table for known GPUs (H100 SXM / H200 989 TFLOP/s, H100 NVL 835,
 H100 PCIe 756, A100 312, L40S 362, L4 121, A10 125); for other GPUs and on CPU the measured peak of a square matmul
-in the training dtype (best of several runs). Peak memory: `torch.cuda.max_memory_allocated` on CUDA; on CPU the
-process's resident-set high-water mark (VmHWM), which includes the libraries.
+in the training dtype (the best of several runs before and after the training runs). Peak memory:
+`torch.cuda.max_memory_allocated` on CUDA; on CPU the process's resident-set high-water mark (VmHWM), which
+includes the libraries.
 
 Sizes: on CUDA (bf16) a ~1B-parameter Llama — hidden 2048, 16 layers, 16 heads, SwiGLU 5632, vocab 32000 —
 sequence 2048, micro-batch 4; on CPU (float32) hidden 256, 4 layers, vocab 1024, sequence 256, micro-batch 2.
@@ -81,7 +82,7 @@ def synchronize() -> None:
 
 def measured_matmul_peak(kind: str, dtype: torch.dtype, size: int | None = None, repeats: int = 5) -> float:
     """Best FLOP/s of `C = A @ B` (square, `size`, 2·size³ FLOPs) over `repeats` timed runs of a few matmuls."""
-    size = size or (8192 if kind == "cuda" else 1024)
+    size = size or (8192 if kind == "cuda" else 2048)
     a = torch.randn(size, size, device=kind, dtype=dtype)
     b = torch.randn(size, size, device=kind, dtype=dtype)
     per_run = 10 if kind == "cuda" else 3
@@ -264,9 +265,9 @@ def main() -> int:
           f"hidden {size['hidden']}, {size['layers']} layers, vocab {size['vocab']}; sequence {size['seq']}, "
           f"micro-batch {size['micro_batch']}, {str(dtype).removeprefix('torch.')}, {steps} steps "
           f"({options.warmup} warm-up)")
-    print(f"peak: {peak_source}")
     print("FLOPs/token = 4·N_frozen + 6·N_trainable + 12·L·H·T; MFU = tokens/s × FLOPs/token ÷ peak; "
           "trained by craft train (craft.engine.train.train)")
+    results = {}
     with tempfile.TemporaryDirectory(prefix="craft-mfu-") as scratch:
         work = Path(scratch)
         write_base_model(work / "base", size, dtype)
@@ -274,18 +275,27 @@ def main() -> int:
         for mode in [m.strip() for m in options.modes.split(",") if m.strip()]:
             if mode not in ("lora", "control"):
                 raise SystemExit(f"--modes: unknown mode {mode!r} (lora, control)")
-            result = run_mode(mode, work, size, kind, steps, options.warmup, options.rank)
-            per_token = flops_per_token(frozen, result["trainable"], size["layers"], size["hidden"], size["seq"])
-            mfu = result["tokens_per_second"] * per_token / peak
-            name = "LoRA" if mode == "lora" else "Control Adapter"
-            print(f"{name:16s} {result['tokens_per_second']:10.1f} tokens/s  N_trainable "
-                  f"{result['trainable'] / 1e6:.3f} M  {per_token / 1e9:.3f} GFLOPs/token  MFU {100 * mfu:5.1f} %  "
-                  f"peak memory {result['peak_memory_mb']:.0f} MiB", flush=True)
-            report(f"MFU, {name} training (rank {options.rank}) with craft train", mfu, "",
-                   f"{result['tokens_per_second']:.0f} tokens/s x {per_token / 1e9:.3f} GFLOP/token / "
-                   f"{peak / 1e12:.3g} TFLOP/s peak; peak memory {result['peak_memory_mb']:.0f} MiB; "
-                   f"{total / 1e6:.0f} M-param Llama, seq {size['seq']}, micro-batch {size['micro_batch']}, "
-                   f"{str(dtype).removeprefix('torch.')}")
+            results[mode] = run_mode(mode, work, size, kind, steps, options.warmup, options.rank)
+    if "measured" in peak_source:
+        # Measured again after the runs, the best of both counts: on a machine shared with other jobs a peak
+        # taken during a busy moment would make the training look faster than the hardware.
+        again, again_source = device_peak(kind, dtype)
+        if again > peak:
+            peak, peak_source = again, again_source
+        peak_source += " (best of before and after the runs)"
+    print(f"peak: {peak_source}")
+    for mode, result in results.items():
+        per_token = flops_per_token(frozen, result["trainable"], size["layers"], size["hidden"], size["seq"])
+        mfu = result["tokens_per_second"] * per_token / peak
+        name = "LoRA" if mode == "lora" else "Control Adapter"
+        print(f"{name:16s} {result['tokens_per_second']:10.1f} tokens/s  N_trainable "
+              f"{result['trainable'] / 1e6:.3f} M  {per_token / 1e9:.3f} GFLOPs/token  MFU {100 * mfu:5.1f} %  "
+              f"peak memory {result['peak_memory_mb']:.0f} MiB", flush=True)
+        report(f"MFU, {name} training (rank {options.rank}) with craft train", mfu, "",
+               f"{result['tokens_per_second']:.0f} tokens/s x {per_token / 1e9:.3f} GFLOP/token / "
+               f"{peak / 1e12:.3g} TFLOP/s peak; peak memory {result['peak_memory_mb']:.0f} MiB; "
+               f"{total / 1e6:.0f} M-param Llama, seq {size['seq']}, micro-batch {size['micro_batch']}, "
+               f"{str(dtype).removeprefix('torch.')}")
     return 0
 
 
