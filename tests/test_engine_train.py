@@ -113,9 +113,19 @@ def test_example_config_runs_and_saves_a_loadable_result(tmp_path, monkeypatch, 
 
 
 @pytest.mark.slow
-def test_two_pipeline_stages_give_the_losses_of_one(tmp_path):
-    """Same config: 1 stage in this process vs 2 stages in 2 processes (torchrun, gloo); 5 steps."""
-    config = basic_setup(tmp_path, max_steps=5, evals_per_run=0)
+@pytest.mark.parametrize("mode", ["lora", "control"])
+def test_two_pipeline_stages_give_the_losses_of_one(tmp_path, mode):
+    """Same config: 1 stage in this process vs 2 stages in 2 processes (torchrun, gloo); 5 steps. With Control
+    Adapters and neutral data, the class-0 aux gradient of stage 0 must reach its parameters as in one stage."""
+    from test_engine_fixtures import write_texts
+
+    from craft.testing import toy_texts
+
+    extra = {"use_control_adapters": True, "control_class0_lambda": 5.0, "lr": 0.02} if mode == "control" else {}
+    config = basic_setup(tmp_path, max_steps=5, evals_per_run=0, **extra)
+    if mode == "control":
+        neutral = write_texts(tmp_path / "data" / "neutral.json", toy_texts(48, "plain", seed=3))
+        config.write_text(config.read_text() + f'[[datasets]]\ndataset_path = "{neutral}"\ncontrol_class = 0\n')
     assert train_in_process(config, f'output_dir="{tmp_path}/one"') == 0
     result = run_craft([str(config), "--set", f'output_dir="{tmp_path}/two"', "--set", "pipeline_stages=2",
                         "--no_progress"], nproc=2)
@@ -125,10 +135,13 @@ def test_two_pipeline_stages_give_the_losses_of_one(tmp_path):
     for step in one:
         assert two[step] == pytest.approx(one[step], rel=1e-4)
     assert one[5] != one[1]
+    if mode == "control":
+        records = [json.loads(line) for line in (only_run(tmp_path / "two") / "losses.jsonl").read_text().splitlines()]
+        assert any(r["train_aux_loss"] > 0 for r in records[:-1])  # aux gradients shaped the later steps
     from safetensors.torch import load_file
 
     saved = [load_file(only_run(tmp_path / name) / "epoch1" / "adapter_model.safetensors") for name in ("one", "two")]
-    assert saved[0].keys() == saved[1].keys() and len(saved[0]) == 28  # 2 layers x 7 linear maps x (A, B)
+    assert saved[0].keys() == saved[1].keys() and len(saved[0]) == (28 if mode == "lora" else 4)
     for name in saved[0]:
         torch.testing.assert_close(saved[1][name], saved[0][name], atol=1e-6, rtol=1e-4)
 
