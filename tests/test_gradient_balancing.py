@@ -289,3 +289,20 @@ def test_trainer_pcgrad_step_equals_the_formula_on_shared_parameters(tmp_path):
         assert torch.allclose(got[i], g_sft[i] + g_con[i], atol=1e-7)
     conflict = float(flat_sft @ flat_con) < 0
     assert conflict == (not torch.allclose(expected, flat_sft + flat_con))
+
+
+def test_trainer_gradnorm_updates_weights_from_the_last_decoder_layer(tmp_path):
+    from craft_scale_helpers import craft_trainer
+
+    trainer = craft_trainer(tmp_path, craft_gradient_balancing="gradnorm", gradient_accumulation_steps=2,
+                            craft_beta=0.5, max_steps=2)
+    params = trainer._craft_trainable_parameters()
+    last_layer = {id(p) for p in trainer.model.model.layers[-1].parameters()}
+    assert {id(params[i]) for i in trainer._craft_last_layer_indices(params)} == last_layer
+    trainer.train()
+    first, second = [e for e in trainer.state.log_history if "balancing/craft_weight_sft" in e]
+    assert (first["balancing/craft_weight_sft"], first["balancing/craft_weight_contrastive"]) == pytest.approx((0.6, 0.4))
+    weights = trainer.craft_balancing.balancer.weights
+    assert float(weights.sum()) == pytest.approx(2.0) and not torch.allclose(weights, torch.ones_like(weights))
+    # step 2 ran with the weights of the update after step 1; its own update followed
+    assert second["balancing/craft_weight_sft"] != pytest.approx(0.6)
