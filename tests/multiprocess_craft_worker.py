@@ -102,6 +102,8 @@ def main() -> None:
     if dist.get_rank() == 0:
         with open(os.path.join(out, "result.json"), "w") as handle:
             json.dump(results, handle)
+    dist.barrier()
+    dist.destroy_process_group()  # a clean shutdown: gloo aborts a process that exits with the group alive
 
 
 if __name__ == "__main__":
