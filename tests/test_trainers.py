@@ -118,8 +118,9 @@ def _forward(model, ids, mask):
     return out.logits, out.hidden_states[-1]
 
 
-def _reference_objective(model, modules, batches, alpha, self_align):
-    """J = alpha * (sum of token NLL / N_sft) + (1 - alpha) * mean InfoNCE, each micro-batch forwarded alone."""
+def _reference_terms(model, modules, batches, self_align):
+    """(L_sft, L_con) of the window, each micro-batch forwarded alone: sum of token NLL / N_sft and mean InfoNCE
+    (None for a term with no micro-batch)."""
     nll_sum, num_tokens, terms = 0.0, 0, []
     for batch in batches:
         logits, hidden = _forward(model, batch["input_ids"], batch["attention_mask"])
@@ -136,12 +137,7 @@ def _reference_objective(model, modules, batches, alpha, self_align):
             nll_sum = nll_sum + F.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), targets.reshape(-1),
                                                 ignore_index=-100, reduction="sum")
             num_tokens += int((targets != -100).sum())
-    objective = 0.0
-    if num_tokens:
-        objective = objective + alpha * nll_sum / num_tokens
-    if terms:
-        objective = objective + (1 - alpha) * torch.stack(terms).mean()
-    return objective
+    return (nll_sum / num_tokens if num_tokens else None), (torch.stack(terms).mean() if terms else None)
 
 
 def _parameters(trainer):
@@ -163,14 +159,13 @@ def _accumulated_gradient(trainer, batches):
 def _reference_gradients(trainer, batches):
     """Closed-form gradients of L_sft and L_con (each None when absent); grad J = alpha g_sft + (1-alpha) g_con."""
     params = _parameters(trainer)
+    terms = _reference_terms(trainer.model, trainer.craft_modules, batches, trainer.craft_strategy == "self_align")
     grads = []
-    for alpha in (1.0, 0.0):  # J(1) = L_sft, J(0) = L_con
-        objective = _reference_objective(trainer.model, trainer.craft_modules, batches, alpha,
-                                         trainer.craft_strategy == "self_align")
-        if not torch.is_tensor(objective) or not objective.requires_grad:
+    for term in terms:
+        if term is None:
             grads.append(None)
             continue
-        parts = torch.autograd.grad(objective, params, allow_unused=True)
+        parts = torch.autograd.grad(term, params, allow_unused=True, retain_graph=True)
         grads.append(torch.cat([g.flatten() if g is not None else torch.zeros(p.numel())
                                 for g, p in zip(parts, params)]))
     return grads
