@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # TORCH_SPEC can select another build (e.g. a CUDA wheel index via PIP_EXTRA_INDEX_URL) on a GPU machine.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install demo test bench clean
+.PHONY: install demo demo-craft test bench clean
 
 install: $(VENV)/.installed
 
@@ -21,6 +21,9 @@ $(VENV)/.installed: pyproject.toml Makefile
 
 demo: install
 	HF_HUB_OFFLINE=1 $(BIN)/python -m craft.demo
+
+demo-craft: install
+	HF_HUB_OFFLINE=1 $(BIN)/python -m craft.demo_craft
 
 test: install
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q tests

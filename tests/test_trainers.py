@@ -412,7 +412,7 @@ def test_eval_loss_is_the_plain_sft_loss(tmp_path):
 
 
 def test_demo_table_lists_the_logged_craft_terms():
-    from craft.demo import format_table
+    from craft.demo_craft import format_table
 
     table = format_table([{"step": 2, "loss/craft_total": 1.25, "loss/craft_sft": 2.0, "loss": 1.25},
                           {"train_runtime": 3.0}])
