@@ -9,31 +9,9 @@ from craft.config import CRAFTSFTConfig
 from craft.data import CRAFTCollator, make_craft_datasets
 from craft.testing import make_tokenizer, tiny_model
 from craft.trainers import CRAFTSFTTrainer
+from craft.testing import toy_chat_rows as chat_rows, toy_pair_rows as pair_rows  # noqa: F401 (re-exported)
 
-VOCAB = 384
 COLLATE = CRAFTCollator(pad_token_id=3)
-
-
-def chat_rows(n: int, seed: int) -> list[dict]:
-    """Rows of 5..10 tokens whose first 2..4 tokens are the prompt (labels -100) and the rest the answer."""
-    gen = torch.Generator().manual_seed(seed)
-    rows = []
-    for _ in range(n):
-        length = int(torch.randint(5, 11, (1,), generator=gen))
-        prompt = int(torch.randint(2, 5, (1,), generator=gen))
-        ids = torch.randint(4, VOCAB, (length,), generator=gen).tolist()
-        rows.append({"input_ids": ids, "attention_mask": [1] * length, "labels": [-100] * prompt + ids[prompt:]})
-    return rows
-
-
-def pair_rows(n: int, seed: int) -> list[dict]:
-    gen = torch.Generator().manual_seed(seed)
-    rows = []
-    for _ in range(n):
-        a, p = (int(torch.randint(3, 9, (1,), generator=gen)) for _ in range(2))
-        rows.append({"input_ids": torch.randint(4, VOCAB, (a,), generator=gen).tolist(),
-                     "input_ids_tgt": torch.randint(4, VOCAB, (p,), generator=gen).tolist()})
-    return rows
 
 
 def craft_trainer(output_dir, strategy: str = "paired_dataset", model=None, **config):

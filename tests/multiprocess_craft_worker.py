@@ -25,27 +25,8 @@ from craft.config import CRAFTSFTConfig
 from craft.data import CRAFTCollator, make_craft_datasets
 from craft.testing import make_tokenizer, tiny_model
 from craft.trainers import CRAFTSFTTrainer
+from craft.testing import toy_chat_rows as _chat_rows, toy_pair_rows as _pair_rows
 
-VOCAB = 384
-
-
-def _chat_rows(n: int, seed: int) -> list[dict]:
-    gen = torch.Generator().manual_seed(seed)
-    rows = []
-    for _ in range(n):
-        length = int(torch.randint(5, 11, (1,), generator=gen))
-        prompt = int(torch.randint(2, 5, (1,), generator=gen))
-        ids = torch.randint(4, VOCAB, (length,), generator=gen).tolist()
-        rows.append({"input_ids": ids, "attention_mask": [1] * length, "labels": [-100] * prompt + ids[prompt:]})
-    return rows
-
-
-def _pair_rows(n: int, seed: int) -> list[dict]:
-    gen = torch.Generator().manual_seed(seed)
-    return [{"input_ids": torch.randint(4, VOCAB, (int(torch.randint(3, 9, (1,), generator=gen)),),
-                                        generator=gen).tolist(),
-             "input_ids_tgt": torch.randint(4, VOCAB, (int(torch.randint(3, 9, (1,), generator=gen)),),
-                                            generator=gen).tolist()} for _ in range(n)]
 
 
 MODES = {

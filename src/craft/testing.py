@@ -154,3 +154,27 @@ def toy_texts(n: int = 32, style: str = "plain", seed: int = 0) -> list[str]:
             sentence = sentence.capitalize() + "."
         out.append(sentence)
     return out
+
+
+def toy_chat_rows(n: int, seed: int, vocab_size: int = 384) -> list[dict]:
+    """Tokenized chat-like rows of 5..10 random tokens: the first 2..4 are the prompt (labels -100), the rest
+    the answer. Ids start at 4 so no row contains a special token."""
+    gen = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(n):
+        length = int(torch.randint(5, 11, (1,), generator=gen))
+        prompt = int(torch.randint(2, 5, (1,), generator=gen))
+        ids = torch.randint(4, vocab_size, (length,), generator=gen).tolist()
+        rows.append({"input_ids": ids, "attention_mask": [1] * length, "labels": [-100] * prompt + ids[prompt:]})
+    return rows
+
+
+def toy_pair_rows(n: int, seed: int, vocab_size: int = 384) -> list[dict]:
+    """Contrastive pairs of random token rows: `input_ids` (anchor, 3..8 tokens) and `input_ids_tgt` (positive)."""
+    gen = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(n):
+        anchor, positive = (int(torch.randint(3, 9, (1,), generator=gen)) for _ in range(2))
+        rows.append({"input_ids": torch.randint(4, vocab_size, (anchor,), generator=gen).tolist(),
+                     "input_ids_tgt": torch.randint(4, vocab_size, (positive,), generator=gen).tolist()})
+    return rows
