@@ -18,10 +18,15 @@ Prints one line per variant and the ratios CA / LoRA (goal: <= 1.1).
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 import statistics
 import time
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import report  # noqa: E402
 
 
 def build_base(args):
@@ -120,6 +125,10 @@ def main():
         step_wall, step_cpu = statistics.median(wall[name]), statistics.median(cpu[name])
         print(f"{name:32s} wall {step_wall * 1e3:9.2f} ms (ratio to LoRA {step_wall / lora_wall:.3f})   "
               f"cpu {step_cpu * 1e3:9.2f} ms (ratio to LoRA {step_cpu / lora_cpu:.3f})")
+        if name != "lora(o_proj,down_proj)":
+            report(f"Control Adapter {name.removeprefix('control_adapter')} step time / PEFT LoRA (o_proj+down_proj, "
+                   f"rank {args.rank}), CPU time", step_cpu / lora_cpu, "<= 1.1",
+                   f"hidden {args.hidden}, {args.layers} layers, seq {args.seq}, wall ratio {step_wall / lora_wall:.3f}")
 
 
 if __name__ == "__main__":

@@ -26,6 +26,9 @@ import sys
 import tempfile
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import report  # noqa: E402
+
 _CHILD = r"""
 import json, sys, time
 import torch, transformers, peft, safetensors  # same imports for both variants
@@ -117,6 +120,10 @@ def main() -> None:
         print(f"{mode:>5}: peak +{result['peak'] / mib:7.1f} MiB = {result['peak'] / largest:5.2f} x largest shard "
               f"({result['seconds']:.1f} s)")
     print(f"naive / craft peak ratio: {results['naive']['peak'] / results['craft']['peak']:.2f}")
+    report("craft merge peak memory / largest shard", results["craft"]["peak"] / largest, "< 2",
+           f"{len(shards)} shards, largest {largest / mib:.1f} MiB")
+    report("craft merge peak memory / naive load + merge_and_unload + save", results["craft"]["peak"] /
+           results["naive"]["peak"], "< 1", f"model {total / mib:.1f} MiB")
     print(f"max |craft - naive| over all tensors: {difference:.3g}")
 
 

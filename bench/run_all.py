@@ -1,6 +1,7 @@
 """Run every benchmark under bench/ and regenerate BENCHMARKS.md.
 
-    make bench          # or: .venv/bin/python bench/run_all.py [NAME ...]
+    make bench          # or: .venv/bin/python bench/run_all.py [NAME ...]  (NAMEs: rerun only those,
+                        #     keeping the other rows of BENCHMARKS.md)
 
 Each benchmark runs as its own process (so peak-memory numbers do not leak between them) and reports its claims
 as `RESULT {...}` lines (see bench/common.py). The table lists what was measured, the ratio, the goal, the exact
@@ -43,6 +44,11 @@ def main() -> int:
              "otherwise). Numbers move with the machine; rerun to check them.", "",
              "| what | ratio | goal | command | machine | detail |", "|---|---|---|---|---|---|"]
     failed = 0
+    if wanted and (ROOT / "BENCHMARKS.md").exists():  # a partial run keeps the other benchmarks' rows
+        rerun = {f"`python bench/{script.name}`" for script in scripts}
+        lines += [line for line in (ROOT / "BENCHMARKS.md").read_text().splitlines()
+                  if line.startswith("| ") and line.count("|") > 6 and not line.startswith("| what")
+                  and line.split(" | ")[3] not in rerun]
     for script in scripts:
         print(f"== {script.name}", flush=True)
         rows, code, seconds = run(script)
