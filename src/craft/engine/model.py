@@ -16,7 +16,7 @@ import hashlib
 import json
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -48,6 +48,7 @@ class StageModel:
     mode: str                   # "lora" | "control" | "full"
     index: int = 0              # this stage's number
     num_stages: int = 1
+    rotary_cache: dict = field(default_factory=dict)  # (positions shape, dtype, device) -> (cos, sin)
 
     @property
     def base(self) -> nn.Module:

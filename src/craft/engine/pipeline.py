@@ -92,6 +92,10 @@ class DecoderLayerPipe(nn.Module):
         self.layer_index = layer_index
         self.hf_config = stage.hf_config
         self.rotary = stage.rotary
+        # cos/sin depend only on (positions, dtype, device): shared by every layer of the stage and computed once
+        # per shape. Recomputing them in each layer, as a per-layer pipeline module naively would, cost ~8 % of a
+        # step on a small model; HF itself computes them once per forward.
+        self.rotary_cache = stage.rotary_cache
         self.control = stage.mode == "control"
         self.aux_meter = aux_meter
 
@@ -100,7 +104,7 @@ class DecoderLayerPipe(nn.Module):
         batch, seq = hidden.shape[:2]
         position_ids = torch.arange(seq, device=hidden.device).unsqueeze(0).expand(batch, -1)
         mask = causal_mask_for(self.hf_config, self.layer_index, hidden, position_ids)
-        position_embeddings = self.rotary(hidden, position_ids)
+        position_embeddings = self._rotary(hidden, position_ids)
         if self.control:
             from craft.adapters import set_control_classes
 
@@ -112,6 +116,13 @@ class DecoderLayerPipe(nn.Module):
         if self.control and self.aux_meter is not None and self.training:
             out = self._attach_aux(out)
         return out, control_classes, attention_mask
+
+    def _rotary(self, hidden, position_ids):
+        key = (tuple(position_ids.shape), hidden.dtype, hidden.device)
+        if key not in self.rotary_cache:
+            with torch.no_grad():
+                self.rotary_cache[key] = self.rotary(hidden, position_ids)
+        return self.rotary_cache[key]
 
     def _attach_aux(self, out):
         from craft.adapters import control_aux_loss
