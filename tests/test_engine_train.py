@@ -60,7 +60,7 @@ def test_lr_schedule_closed_form():
     assert eval_schedule(100, 11) == set(range(0, 101, 10)) and eval_schedule(10, 0) == set()
 
 
-EXAMPLES = ["lora", "qlora", "control_adapter", "full_finetune"]
+EXAMPLES = ["lora", "qlora", "control_adapter", "full_finetune", "demo"]
 
 
 @pytest.mark.parametrize("example", EXAMPLES)
@@ -70,7 +70,7 @@ def test_example_config_runs_and_saves_a_loadable_result(tmp_path, monkeypatch, 
     monkeypatch.chdir(REPO)  # the examples use paths relative to the repository root
     config = REPO / "examples" / f"{example}.toml"
     assert f"craft train examples/{example}.toml" in config.read_text()  # the documented command
-    evals = 2 if example == "control_adapter" else 0
+    evals = 2 if example in ("control_adapter", "demo") else 0
     assert train_in_process(config, f'output_dir="{tmp_path}"', "max_steps=2", "sequence_len=48",
                             f"evals_per_run={evals}", "eval_fraction=0.01") == 0
     run_dir = only_run(tmp_path)
@@ -86,12 +86,13 @@ def test_example_config_runs_and_saves_a_loadable_result(tmp_path, monkeypatch, 
             peft_name = "base_model.model." + hf_name(name, 4)
             torch.testing.assert_close(loaded[peft_name], tensor, atol=0, rtol=0)
         assert any("lora_B" in n and t.abs().sum() > 0 for n, t in trained.items())  # it did train
-    elif example == "control_adapter":
+    elif example in ("control_adapter", "demo"):
         from craft.adapters import control_adapters, load_control_adapter
 
         loaded = {f"model.layers.{a.layer_index}.control_adapter.{p}": getattr(a, p)
                   for a in control_adapters(load_control_adapter(base, epoch)) for p in ("A", "B")}
-        assert len(loaded) == len(trained) == 6  # layers_to_transform = "0:2"
+        # control_adapter.toml: layers_to_transform = "0:2"; demo.toml: all 4 layers
+        assert len(loaded) == len(trained) == (6 if example == "control_adapter" else 8)
         for name, tensor in trained.items():
             torch.testing.assert_close(loaded[hf_name(name, 4)], tensor, atol=0, rtol=0)
         scalars = tensorboard_scalars(run_dir)
