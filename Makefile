@@ -13,7 +13,7 @@ install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip setuptools wheel
-	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/pip install --quiet $(TORCH_SPEC)
 	# DeepSpeed builds against the installed torch: no build isolation, or pip would fetch another torch.
 	$(BIN)/pip install --quiet --no-build-isolation "deepspeed>=0.16"
 	$(BIN)/pip install --quiet -e ".[all,test]"
