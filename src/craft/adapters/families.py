@@ -17,7 +17,8 @@ What differs, and what this table records, is how a decoder layer writes into th
   (Cohere): `h += attn(norm(h)) + mlp(norm(h))`. Block and sublayer targets then coincide.
 * `norm_after_sublayer` — a norm sits between the projection and the residual add (Gemma 2): conversion to an
   additive LoRA on the projections can only approximate the adapter.
-* `gguf_names` — llama.cpp tensor base names (`blk.N.<name>.weight`) for each projection, for GGUF LoRA export.
+* `gguf_names` — llama.cpp tensor base names (`blk.N.<name>.weight`) for each projection, for GGUF LoRA export;
+  a tuple means llama.cpp splits the fused projection's rows into that many equal parts, in order.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ class FamilyFacts:
     residual_projections: tuple[str, ...] = ("self_attn.o_proj", "mlp.down_proj")
     parallel_block: bool = False
     norm_after_sublayer: bool = False
-    gguf_names: dict[str, str] = field(default_factory=lambda: dict(_LLAMA_GGUF))
+    gguf_names: dict[str, str | tuple[str, ...]] = field(default_factory=lambda: dict(_LLAMA_GGUF))
     gguf_arch: str = "llama"
 
 
@@ -53,7 +54,9 @@ FAMILIES: dict[str, FamilyFacts] = {
         "mixtral",
         residual_projections=("self_attn.o_proj", "mlp.experts.down_proj"),
         gguf_names={**{k: v for k, v in _LLAMA_GGUF.items() if not k.startswith("mlp.")},
-                    "mlp.experts.gate_up_proj": "ffn_gate_up_exps", "mlp.experts.down_proj": "ffn_down_exps"},
+                    # llama.cpp stores the fused expert gate/up rows as two tensors: gate rows first, then up
+                    "mlp.experts.gate_up_proj": ("ffn_gate_exps", "ffn_up_exps"),
+                    "mlp.experts.down_proj": "ffn_down_exps"},
     ),
     "phi3": FamilyFacts(
         "phi3",

@@ -42,7 +42,6 @@ from craft.export.lora import LowRankUpdate, adapter_kind, read_lora, reject_emb
 from craft.export.output import staged_file
 
 _ROTARY_PERMUTED_ARCHS = ("llama",)
-_SPLIT_IN_GGUF = {"mlp.experts.gate_up_proj": ("ffn_gate_exps", "ffn_up_exps")}  # see gguf_tensors
 _OUT_TYPES = {"f32": np.float32, "f16": np.float16}
 
 
@@ -131,8 +130,8 @@ def gguf_tensors(base: BaseCheckpoint, name: str) -> list[tuple[str, int | None]
         raise UserError(f"no llama.cpp tensor name for {name} in a {base.family.name} model "
                         f"(supported projections: {', '.join(gguf_names)})")
     layer, projection = match.groups()
-    parts = ([(gguf_names[projection], None)] if projection not in _SPLIT_IN_GGUF
-             else list(zip(_SPLIT_IN_GGUF[projection], (0, 1))))
+    names = gguf_names[projection]  # a tuple: the fused rows split in order (see FamilyFacts.gguf_names)
+    parts = [(names, None)] if isinstance(names, str) else list(zip(names, range(len(names))))
     known = _arch_tensor_names(base.family.gguf_arch)
     for short, _ in parts:
         if short not in known:
