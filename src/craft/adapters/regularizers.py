@@ -44,7 +44,7 @@ def control_adapter_factor_pairs(model: torch.nn.Module) -> list[tuple[torch.Ten
     return [(a.A, a.B, a.scale) for a in control_adapters(model) if a.type == "lowrank"]
 
 
-def _lowrank_frobenius(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+def lowrank_frobenius(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
     """||left @ right||_F for left (m, k), right (k, n), via sqrt(trace((L^T L)(R R^T))) — k x k work only."""
     return torch.trace((left.T @ left) @ (right @ right.T)).clamp_min(0).sqrt()
 
@@ -69,7 +69,7 @@ def composite_weight_decay_(pairs, lr: float, weight_decay: float) -> list[float
         # Delta W / s = (B - step gB)(A - step gA) - B A = (-step gB) A + (step gB - B) step gA, no cancellation.
         left = torch.cat([-step * grad_b, step * (step * grad_b - b)], dim=1)
         right = torch.cat([a, grad_a], dim=0)
-        amount = float(abs(s) * _lowrank_frobenius(left, right))
+        amount = float(abs(s) * lowrank_frobenius(left, right))
         a.sub_(step * grad_a)
         b.sub_(step * grad_b)
         setattr(a, _LAST_DECAY_ATTRIBUTE, amount)
@@ -130,7 +130,7 @@ def adapter_stats(model: torch.nn.Module) -> dict[str, float]:
         strengths = [1.0] * len(triples)
     if not triples:
         return {}
-    norms = [abs(s) * float(_lowrank_frobenius(b.detach().float(), a.detach().float())) for a, b, s in triples]
+    norms = [abs(s) * float(lowrank_frobenius(b.detach().float(), a.detach().float())) for a, b, s in triples]
     spectral = [spectral_norm(a, b, s * k) for (a, b, s), k in zip(triples, strengths)]
     stats = {"norm_avg": sum(norms) / len(norms), "norm_max": max(norms), "spectral_norm_max": max(spectral)}
     decay_keys = [a.A for a in adapters if a.type == "lowrank"] if adapters else [a for a, _, _ in triples]

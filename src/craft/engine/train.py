@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from craft.adapters.regularizers import lowrank_frobenius
 from craft.engine import checkpoint as ckpt
 from craft.engine.config import TrainConfig
 from craft.engine.data import MicroBatches, load_or_build
@@ -167,12 +168,8 @@ def _post_step(module, config: TrainConfig, lr: float, mode: str) -> list[float]
 
 @torch.no_grad()
 def _frobenius_norms(triples) -> list[float]:
-    """||s B A||_F of each triple, as |s| sqrt(trace((B^T B)(A A^T))): r x r work only."""
-    norms = []
-    for a, b, s in triples:
-        a, b = a.detach().float(), b.detach().float()
-        norms.append(abs(s) * float(torch.trace((b.T @ b) @ (a @ a.T)).clamp_min(0).sqrt()))
-    return norms
+    """||s B A||_F of each (A, B, s) triple, per adapter (the stages' values are combined across ranks)."""
+    return [abs(s) * float(lowrank_frobenius(b.detach().float(), a.detach().float())) for a, b, s in triples]
 
 
 def _combine(parts: list[dict], replicas: int, accumulation: int) -> dict:
