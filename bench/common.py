@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import time
 
 
 def report(what: str, ratio: float, goal: str = "", detail: str = "") -> None:
@@ -36,14 +35,3 @@ def machine() -> str:
         device = f"{model}, {os.cpu_count()} cores"
     return f"{device}, torch {torch.__version__}"
 
-
-def time_steps(step, warmup: int = 2, repeats: int = 5) -> float:
-    """Median seconds per call of `step()` after `warmup` untimed calls."""
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
