@@ -154,22 +154,23 @@ def measure_memory(args) -> dict[str, dict[str, int]]:
     from craft.config import CRAFTSFTConfig
     from craft.data import CRAFTCollator
     from craft.testing import tiny_model
-    from craft.trainers import CRAFTModules, _BackboneHiddenStates, _FinalNormHook
+    from craft.encoding import BackboneHiddenStates, FinalNormHook
+    from craft.objective import ContrastiveObjective
 
     torch.manual_seed(0)
     model = tiny_model("llama", hidden_size=args.hidden, num_layers=args.memory_layers).train()
     config = CRAFTSFTConfig(output_dir="/tmp/craft_overhead", use_cpu=True, report_to=[])
-    modules = CRAFTModules(args.hidden, config)
+    modules = ContrastiveObjective.from_config(args.hidden, config)
     batch = CRAFTCollator(pad_token_id=3)(_rows(2 * args.memory_batch, args.max_len, args.max_len, seed=3))
     ids, mask = batch["input_ids"], batch["attention_mask"]
     out = {}
     for mode in ("hook", "output_hidden_states"):
         def embed():
-            capture = _FinalNormHook(model) if mode == "hook" else _BackboneHiddenStates(model)
+            capture = FinalNormHook(model) if mode == "hook" else BackboneHiddenStates(model)
             with capture:
                 model(input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=1,
                       **capture.forward_kwargs)
-            return modules.embed(capture.hidden, mask)
+            return modules.project(modules.pool(capture.hidden, mask))
 
         def train_step():
             emb = embed()

@@ -66,6 +66,9 @@ def run(mode: str, out: str) -> dict:
     dist.all_gather(gathered, flat)
     all_rows = [None] * dist.get_world_size()
     dist.all_gather_object(all_rows, sorted(rows))
+    queue = trainer.craft_queue.ordered() if trainer.craft_queue is not None else torch.zeros(0)
+    queues = [torch.zeros_like(queue) for _ in range(dist.get_world_size())]
+    dist.all_gather(queues, queue.contiguous())
     losses = [entry["loss/craft_contrast"] for entry in trainer.state.log_history if "loss/craft_contrast" in entry]
     return {"max_param_diff": float((gathered[0] - gathered[1]).abs().max()),
             "param_norm": float(flat.norm()),
@@ -74,7 +77,8 @@ def run(mode: str, out: str) -> dict:
             "shards_overlap": len(set(all_rows[0]) & set(all_rows[1])),
             "global_step": trainer.state.global_step,
             "contrastive_losses": losses,
-            "queue_length": len(trainer.craft_queue) if trainer.craft_queue is not None else None}
+            "queue_length": len(trainer.craft_queue) if trainer.craft_queue is not None else None,
+            "queues_identical": torch.equal(queues[0], queues[1])}
 
 
 def main() -> None:

@@ -13,8 +13,8 @@ README_DEFAULTS = {
     "craft_contrastive_batch_size": None, "craft_temperature": 0.05, "craft_learnable_temperature": False,
     "craft_projection_dim": 256, "craft_projection_dropout": 0.0, "craft_pooling": "last_token",
     "craft_use_hidden_state_hook": True, "craft_use_gradcache": False, "craft_gradcache_chunk_size": 8,
-    "craft_negative_strategy": "in_batch", "craft_negative_queue_size": 65536, "craft_gradient_balancing": "none",
-    "craft_assistant_mask_key": "assistant_mask", "craft_report_metrics": True,
+    "craft_negative_strategy": "in_batch", "craft_negative_queue_size": 65536, "craft_gather_negatives": None,
+    "craft_gradient_balancing": "none", "craft_assistant_mask_key": "assistant_mask", "craft_report_metrics": True,
 }
 
 
@@ -47,7 +47,7 @@ def test_report_metrics_selection():
     ("craft_temperature", 0.0), ("craft_temperature", -1), ("craft_projection_dim", 0),
     ("craft_projection_dropout", 1.0), ("craft_pooling", "max"), ("craft_gradcache_chunk_size", 0),
     ("craft_negative_strategy", "hard"), ("craft_negative_queue_size", -5), ("craft_gradient_balancing", "adam"),
-    ("craft_learnable_temperature", "yes"), ("craft_assistant_mask_key", ""), ("craft_report_metrics", ["loss"]),
+    ("craft_learnable_temperature", "yes"), ("craft_gather_negatives", 1), ("craft_assistant_mask_key", ""), ("craft_report_metrics", ["loss"]),
 ])
 def test_invalid_value_names_the_key(key, value):
     with pytest.raises(UserError, match=f"^{key}: "):

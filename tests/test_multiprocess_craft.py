@@ -1,5 +1,5 @@
-"""Two CPU processes (torchrun, gloo): paired + GradCache + queue, self-align, and self-align + PCGrad keep the
-parameters identical on both ranks, and each rank trains on its own shard of the data."""
+"""Two CPU processes (torchrun, gloo): paired + GradCache + queue (gathered across ranks), self-align, and
+self-align + PCGrad keep the parameters identical on both ranks, and each rank trains on its own shard of the data."""
 
 from __future__ import annotations
 
@@ -53,6 +53,8 @@ def test_each_rank_trains_on_its_own_shard(results, mode):
 
 
 @pytest.mark.slow
-def test_queue_filled_on_each_rank(results):
-    # 3 steps x 2 micro-batches at beta 0.5: 3 contrastive micro-batches of 2 positives each
-    assert results["paired_gradcache"]["queue_length"] == 6
+def test_queue_holds_every_ranks_positives_and_is_identical_across_ranks(results):
+    # 3 steps x 2 micro-batches at beta 0.5: 3 contrastive micro-batches of 2 positives each, on each of 2 ranks,
+    # all gathered (craft_gather_negatives defaults to True with 2 ranks)
+    assert results["paired_gradcache"]["queue_length"] == 12
+    assert results["paired_gradcache"]["queues_identical"]

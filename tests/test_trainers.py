@@ -3,7 +3,6 @@ training and checkpoint round trip, hidden-state capture modes, self-align valid
 
 from __future__ import annotations
 
-import itertools
 import math
 
 import pytest
@@ -86,10 +85,32 @@ def _last_token(hidden, mask):
 
 
 def _reference_infonce(modules, hidden_a, mask_a, hidden_p, mask_p):
-    anchors = F.normalize(modules.projection(_last_token(hidden_a, mask_a)), dim=-1)
-    positives = F.normalize(modules.projection(_last_token(hidden_p, mask_p)), dim=-1)
+    return _reference_pooled_infonce(modules, _last_token(hidden_a, mask_a), _last_token(hidden_p, mask_p))
+
+
+def _reference_pooled_infonce(modules, pooled_a, pooled_p):
+    anchors = F.normalize(modules.projection(pooled_a), dim=-1)
+    positives = F.normalize(modules.projection(pooled_p), dim=-1)
     scale = modules.infonce.log_inv_temperature.exp()
     return F.cross_entropy(scale * anchors @ positives.T, torch.arange(anchors.shape[0]))
+
+
+def _reference_global_gradient(trainer, batches, alpha):
+    """grad J when every contrastive micro-batch of the step is one InfoNCE term over the union of their pairs
+    (the anchors of each scored against the positives of all): what gathered negatives give on several ranks."""
+    params = _parameters(trainer)
+    sft = [b for b in batches if b["craft_batch_type"] == "sft"]
+    pooled = {"": [], "_tgt": []}
+    for batch in batches:
+        if batch["craft_batch_type"] == "contrastive":
+            for side in pooled:
+                _, hidden = _forward(trainer.model, batch["input_ids" + side], batch["attention_mask" + side])
+                pooled[side].append(_last_token(hidden, batch["attention_mask" + side]))
+    g_sft = _reference_gradients(trainer, sft)[0]
+    term = _reference_pooled_infonce(trainer.craft_modules, torch.cat(pooled[""]), torch.cat(pooled["_tgt"]))
+    parts = torch.autograd.grad(term, params, allow_unused=True)
+    g_con = torch.cat([g.flatten() if g is not None else torch.zeros(p.numel()) for g, p in zip(parts, params)])
+    return alpha * g_sft + (1 - alpha) * g_con
 
 
 def _forward(model, ids, mask):
@@ -120,8 +141,7 @@ def _reference_terms(model, modules, batches, self_align):
 
 
 def _parameters(trainer):
-    return [p for p in itertools.chain(trainer.model.parameters(), trainer.craft_modules.parameters())
-            if p.requires_grad]
+    return [p for p in trainer.model.parameters() if p.requires_grad]  # the objective is a submodule
 
 
 def _accumulated_gradient(trainer, batches):
@@ -419,36 +439,38 @@ from transformers import TrainerCallback
 from test_trainers import _trainer, _parameters
 
 out = {out!r}
-trainer = _trainer("paired_dataset", output_dir=out, gradient_accumulation_steps=2, max_steps=2, max_grad_norm=0.0,
-                   craft_alpha=0.3, craft_learnable_temperature=True, ddp_backend="gloo")
-record = {{"windows": [], "gradient": None}}
-fetch = trainer.get_batch_samples
+for mode, settings in {{"plain": {{}}, "gradcache": {{"craft_use_gradcache": True, "craft_gradcache_chunk_size": 1}}}}.items():
+    trainer = _trainer("paired_dataset", output_dir=out, gradient_accumulation_steps=2, max_steps=2, max_grad_norm=0.0,
+                       craft_alpha=0.3, craft_learnable_temperature=True, ddp_backend="gloo", **settings)
+    record = {{"windows": [], "gradient": None}}
+    fetch = trainer.get_batch_samples
 
-def recording_fetch(*args):
-    batches, num_items = fetch(*args)
-    if not record["windows"]:
-        record["windows"] = [{{k: v.clone() if torch.is_tensor(v) else v for k, v in b.items()}} for b in batches]
-    return batches, num_items
+    def recording_fetch(*args, record=record, fetch=fetch):
+        batches, num_items = fetch(*args)
+        if not record["windows"]:
+            record["windows"] = [{{k: v.clone() if torch.is_tensor(v) else v for k, v in b.items()}} for b in batches]
+        return batches, num_items
 
-class FirstGradient(TrainerCallback):
-    def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        if record["gradient"] is None:
-            record["gradient"] = torch.cat([p.grad.flatten() if p.grad is not None else torch.zeros(p.numel())
-                                            for p in _parameters(trainer)])
+    class FirstGradient(TrainerCallback):
+        def on_pre_optimizer_step(self, args, state, control, record=record, trainer=trainer, **kwargs):
+            if record["gradient"] is None:
+                record["gradient"] = torch.cat([p.grad.flatten() if p.grad is not None else torch.zeros(p.numel())
+                                                for p in _parameters(trainer)])
 
-trainer.get_batch_samples = recording_fetch
-trainer.add_callback(FirstGradient())
-record["craft_start"] = {{k: v.clone() for k, v in trainer.craft_modules.state_dict().items()}}
-trainer.train()
-record["final"] = torch.cat([p.detach().flatten() for p in _parameters(trainer)])
-torch.save(record, os.path.join(out, "rank%s.pt" % os.environ["RANK"]))
+    trainer.get_batch_samples = recording_fetch
+    trainer.add_callback(FirstGradient())
+    record["craft_start"] = {{k: v.clone() for k, v in trainer.craft_modules.state_dict().items()}}
+    trainer.train()
+    record["final"] = torch.cat([p.detach().flatten() for p in _parameters(trainer)])
+    torch.save(record, os.path.join(out, "%s_rank%s.pt" % (mode, os.environ["RANK"])))
 '''
 
 
 @pytest.mark.slow
 def test_two_process_ddp_gradient_is_the_global_objective_and_ranks_agree(tmp_path):
     """2 CPU processes (gloo): the first step's gradient on each rank equals grad J over BOTH ranks' windows
-    (global token count, global contrastive-term count), and model + CRAFT modules end identical on both ranks."""
+    (global token count; the two ranks' contrastive micro-batches form one InfoNCE over the global batch, by the
+    gathered negatives), and model + objective end identical on both ranks."""
     import os
     import subprocess
     import sys
@@ -461,14 +483,15 @@ def test_two_process_ddp_gradient_is_the_global_objective_and_ranks_agree(tmp_pa
     proc = subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_port", "29517", str(script)],
                           capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
-    assert torch.equal(ranks[0]["final"], ranks[1]["final"])
-    assert torch.equal(ranks[0]["gradient"], ranks[1]["gradient"])
+    for mode in ("plain", "gradcache"):  # GradCache: the gather runs over cached representations
+        ranks = [torch.load(tmp_path / f"{mode}_rank{r}.pt", weights_only=False) for r in (0, 1)]
+        assert torch.equal(ranks[0]["final"], ranks[1]["final"])
+        assert torch.equal(ranks[0]["gradient"], ranks[1]["gradient"])
 
-    trainer = _trainer("paired_dataset", craft_learnable_temperature=True)
-    trainer.craft_modules.load_state_dict(ranks[0]["craft_start"])
-    trainer.model.train()
-    union = ranks[0]["windows"] + ranks[1]["windows"]
-    assert [b["craft_batch_type"] for b in union] == ["sft", "contrastive"] * 2
-    assert not torch.equal(ranks[0]["windows"][0]["input_ids"], ranks[1]["windows"][0]["input_ids"])  # sharded
-    _assert_relative_close(ranks[0]["gradient"], _reference_gradient(trainer, union, 0.3))
+        trainer = _trainer("paired_dataset", craft_learnable_temperature=True)
+        trainer.craft_modules.load_state_dict(ranks[0]["craft_start"])
+        trainer.model.train()
+        union = ranks[0]["windows"] + ranks[1]["windows"]
+        assert [b["craft_batch_type"] for b in union] == ["sft", "contrastive"] * 2
+        assert not torch.equal(ranks[0]["windows"][0]["input_ids"], ranks[1]["windows"][0]["input_ids"])  # sharded
+        _assert_relative_close(ranks[0]["gradient"], _reference_global_gradient(trainer, union, 0.3))

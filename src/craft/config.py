@@ -57,6 +57,9 @@ class CRAFTConfigMixin:
             positives as extra negatives (`craft.negatives`); "none" uses the positives of the other rows only,
             which is what in-batch InfoNCE does without extra negatives — both give the same loss here.
         craft_negative_queue_size [65536]: MoCo queue length (> 0).
+        craft_gather_negatives [None]: with several ranks, score each anchor against the positives of every
+            rank (all-gathered with their gradient; the queue then holds every rank's positives). None means True
+            when the world size is > 1; False keeps each rank's negatives to its own batch.
         craft_gradient_balancing ["none"]: "none" | "loss_scale" | "uncertainty" | "gradnorm" | "pcgrad"
             (`craft.gradient_balancing`; the effective weights are logged as balancing/craft_weight_*).
         craft_assistant_mask_key ["assistant_mask"]: the batch column marking assistant tokens (self-align).
@@ -79,6 +82,7 @@ class CRAFTConfigMixin:
     craft_gradcache_chunk_size: int = 8
     craft_negative_strategy: str = "in_batch"
     craft_negative_queue_size: int = 65536
+    craft_gather_negatives: bool | None = None
     craft_gradient_balancing: str = "none"
     craft_assistant_mask_key: str = "assistant_mask"
     craft_report_metrics: bool | list[str] = field(default=True)
@@ -154,6 +158,9 @@ def validate_craft_config(config) -> None:
     for key in ("craft_learnable_temperature", "craft_use_hidden_state_hook", "craft_use_gradcache"):
         value = getattr(config, key)
         _require(isinstance(value, bool), key, f"must be True or False, got {value!r}")
+    gather = config.craft_gather_negatives
+    _require(gather is None or isinstance(gather, bool), "craft_gather_negatives",
+             f"must be None, True or False, got {gather!r}")
     key = "craft_assistant_mask_key"
     _require(isinstance(config.craft_assistant_mask_key, str) and config.craft_assistant_mask_key, key,
              f"must be a non-empty column name, got {config.craft_assistant_mask_key!r}")

@@ -66,7 +66,8 @@ def _loss_of(output) -> Tensor:
 
 def gradcache_backward(encode: Callable[[Any], Tensor], chunks: Sequence[Any], loss_fn: Callable[[Tensor], Any],
                        loss_weight: float | Tensor = 1.0,
-                       no_sync: Callable[[], contextlib.AbstractContextManager] | None = None):
+                       no_sync: Callable[[], contextlib.AbstractContextManager] | None = None,
+                       backward: Callable[[Tensor], None] | None = None):
     """Accumulate into ``.grad`` the gradient of ``loss_weight * loss_fn(cat([encode(c) for c in chunks]))``.
 
     Args:
@@ -80,6 +81,9 @@ def gradcache_backward(encode: Callable[[Any], Tensor], chunks: Sequence[Any], l
             gradient ``loss * dw``).
         no_sync: a context-manager factory under which every chunk's backward but the last one runs (DDP's
             ``no_sync``: gradients are all-reduced once, after the last chunk).
+        backward: runs the backward of a scalar (default ``Tensor.backward``); an engine's own backward
+            (DeepSpeed's, which reduces and partitions gradients in its hooks) goes here. A chunk's re-forward
+            ``r_k`` is backpropagated as the scalar ``sum(r_k * G_k)``, whose gradient is the same.
 
     Returns:
         ``loss_fn``'s output with the loss detached. ``.grad`` of every parameter is increased in place; nothing
@@ -95,7 +99,8 @@ def gradcache_backward(encode: Callable[[Any], Tensor], chunks: Sequence[Any], l
     representations = torch.cat(cached).detach().requires_grad_(True)
     output = loss_fn(representations)
     loss = _loss_of(output)
-    (loss * loss_weight).backward()
+    backward = backward if backward is not None else Tensor.backward
+    backward(loss * loss_weight)
     after_loss = RNGState()
     grads = representations.grad.split([r.shape[0] for r in cached])
     del cached, representations
@@ -104,14 +109,14 @@ def gradcache_backward(encode: Callable[[Any], Tensor], chunks: Sequence[Any], l
         state.restore()
         context = no_sync() if (no_sync is not None and index < last) else contextlib.nullcontext()
         with context:
-            torch.autograd.backward(encode(chunk), grad)
+            backward((encode(chunk) * grad).sum())
     after_loss.restore()
     if isinstance(output, (tuple, list)):
         return type(output)([loss.detach(), *output[1:]])
     return loss.detach()
 
 
-# ---------------------------------------------------------------------------------------- CRAFT trainers
+# ------------------------------------------------------------------------------------ contrastive objective
 
 
 def _trim_right_padding(*tensors: Tensor, mask: Tensor) -> tuple[Tensor, ...]:
@@ -123,67 +128,43 @@ def _trim_right_padding(*tensors: Tensor, mask: Tensor) -> tuple[Tensor, ...]:
     return tuple(t[:, :keep] for t in tensors)
 
 
-def contrastive_gradcache_loss(trainer, model, batch) -> Tensor:
-    """A CRAFT trainer's contrastive micro-batch through GradCache; returns the tensor the Trainer backpropagates.
+def contrastive_gradcache(encoder: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]], objective,
+                          anchors: tuple[Tensor, Tensor, Tensor], positives: tuple[Tensor, Tensor, Tensor],
+                          chunk_size: int, loss_weight: float | Tensor = 1.0,
+                          no_sync: Callable[[], contextlib.AbstractContextManager] | None = None,
+                          backward: Callable[[Tensor], None] | None = None):
+    """GradCache for a contrastive objective (`craft.objective.ContrastiveObjective`) over an encoder.
 
-    Paired: the anchors (``input_ids``) and the positives (``input_ids_tgt``) are cut into chunks of
-    ``craft_gradcache_chunk_size`` sequences, each encoded to its pooled last hidden state [b, H]; the
-    projection head, InfoNCE (with queue negatives) and the metrics run once over all of them. Self-align: each
-    chunk of rows is encoded once and pooled over the prompt and over the assistant span, [b, 2, H].
+    Args:
+        encoder: ``encoder(ids [b, T], attention_mask [b, T]) -> (hidden [b, T, H], zero)``, one forward of the
+            (wrapped) model; ``zero`` is a 0 tied to whatever the forward used but the hidden states do not
+            (the LM head), added so that every used parameter gets a gradient.
+        objective: pools (``objective.pool``) and scores (``objective(pooled_anchors, pooled_positives)``).
+        anchors, positives: ``(ids [B, T], attention_mask [B, T], pooling mask [B, T])``. When both share the
+            same ``ids`` tensor (self-align: prompt vs assistant span of one sequence) each row is encoded once
+            and pooled twice; otherwise the anchors' and the positives' rows are chunked one after the other.
+        chunk_size, loss_weight, no_sync, backward: as in `gradcache_backward`.
 
-    `gradcache_backward` backpropagates ``w_con · λ_con · InfoNCE`` (the trainer's scaler weight) itself, with
-    DDP synchronisation deferred to the last chunk. The returned tensor has that weighted value; its backward
-    adds only uncertainty balancing's ``w_con · s_con`` term (for the other strategies it is a fresh leaf whose
-    backward changes no parameter).
+    Returns ``(loss, logits, projected anchors)`` of the objective, the loss detached. Every parameter's
+    ``.grad`` (model and objective) holds ``loss_weight`` times the full-batch gradient.
     """
-    modules = trainer.craft_modules
-    chunk_size = trainer.args.craft_gradcache_chunk_size
-
-    def hidden_of(ids, mask):
-        """The last hidden state [b, T, H] and a zero tied to the logits (the LM head's zero gradient for DDP)."""
-        return trainer._forward_hidden(model, ids, mask)
-
-    def project(pooled):
-        return modules.projection(pooled.to(modules.projection.fc1.weight.dtype))
-
-    if trainer.craft_self_align:
-        anchor_mask, positive_mask = trainer._self_align_masks(batch)
-        ids = batch["input_ids"]
-        mask = batch.get("attention_mask")
-        mask = torch.ones_like(ids) if mask is None else mask
-        chunks = [(ids[s], mask[s], anchor_mask[s], positive_mask[s]) for s in split_into_chunks(ids.shape[0], chunk_size)]
-
-        def encode(chunk):
-            ids, mask, anchors, positives = _trim_right_padding(*chunk, mask=chunk[1])
-            hidden, zero = hidden_of(ids, mask)
-            pooled = [modules.infonce.pool(hidden, anchors), modules.infonce.pool(hidden, positives)]
-            return torch.stack(pooled, 1) + zero
-
-        def loss_fn(pooled):
-            emb = project(pooled.flatten(0, 1)).unflatten(0, (pooled.shape[0], 2))
-            return trainer._infonce(emb[:, 0], emb[:, 1])
+    size = anchors[0].shape[0]
+    shared = positives[0] is anchors[0]
+    if shared:
+        ids, mask, anchor_pool, positive_pool = anchors[0], anchors[1], anchors[2], positives[2]
+        chunks = [(ids[s], mask[s], anchor_pool[s], positive_pool[s]) for s in split_into_chunks(size, chunk_size)]
     else:
-        from craft.trainers import _ids_and_mask
+        chunks = [(ids[s], mask[s], pool[s]) for ids, mask, pool in (anchors, positives)
+                  for s in split_into_chunks(size, chunk_size)]
 
-        sides = [_ids_and_mask(batch, ""), _ids_and_mask(batch, "_tgt")]
-        size = sides[0][0].shape[0]
-        chunks = [(ids[s], mask[s]) for ids, mask in sides for s in split_into_chunks(size, chunk_size)]
+    def encode(chunk):
+        ids, mask, *pools = _trim_right_padding(*chunk, mask=chunk[1])
+        hidden, zero = encoder(ids, mask)
+        return torch.stack([objective.pool(hidden, pool) for pool in pools], 1) + zero  # [b, views, H]
 
-        def encode(chunk):
-            ids, mask = _trim_right_padding(*chunk, mask=chunk[1])
-            hidden, zero = hidden_of(ids, mask)
-            return modules.infonce.pool(hidden, mask) + zero
+    def loss_fn(pooled):
+        if shared:
+            return objective(pooled[:, 0], pooled[:, 1])
+        return objective(pooled[:size, 0], pooled[size:, 0])
 
-        def loss_fn(pooled):
-            emb = project(pooled)
-            return trainer._infonce(emb[:size], emb[size:])
-
-    scaler = trainer._craft_scaler
-    weight = scaler.contrastive_weight()
-    loss, _, _ = gradcache_backward(encode, chunks, loss_fn, weight,
-                                    no_sync=lambda: trainer.accelerator.no_sync(model))
-    value = (weight * loss).detach().float()
-    regularizer = scaler.contrastive_regularizer()
-    if regularizer is None:
-        return value.clone().requires_grad_(True)
-    return regularizer + (value - regularizer.detach())
+    return gradcache_backward(encode, chunks, loss_fn, loss_weight, no_sync=no_sync, backward=backward)

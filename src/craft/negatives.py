@@ -93,3 +93,57 @@ class NegativeQueue:
         if state["entries"] is not None:
             entries = state["entries"]
             self.enqueue(entries.to(device) if device is not None else entries)
+
+
+# ------------------------------------------------------------------------------------- negatives across ranks
+
+
+def distributed_world() -> int:
+    """The number of ranks of the default process group (1 without one)."""
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+class _GatherWithGradient(torch.autograd.Function):
+    """All-gather of ``x`` [b, D] from every rank -> [W, b, D], whose backward sums the incoming gradient over the
+    ranks and returns this rank's slice.
+
+    Rank r's loss L_r uses every rank's rows, so the gradient of Σ_r L_r for this rank's rows x_s is
+    Σ_r ∂L_r/∂x_s: the all-reduce (sum) of the per-rank gradients of the gathered tensor, sliced at s. gloo has
+    no reduce-scatter, hence the all-reduce.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        dist = torch.distributed
+        ctx.rank = dist.get_rank()
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        return torch.stack(parts)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        grad = grad.contiguous()
+        torch.distributed.all_reduce(grad)
+        return grad[ctx.rank]
+
+
+def gather_negatives(local: Tensor) -> tuple[Tensor, Tensor]:
+    """Every rank's rows of ``local`` [b, D] (same b on every rank), for use as negatives.
+
+    Returns ``(others, everyone)``: ``others`` [(W-1)·b, D] are the other ranks' rows in rank order, carrying the
+    gradient back to the rank that produced them (see `_GatherWithGradient`); ``everyone`` [W·b, D] is every
+    rank's rows in rank order, detached (what the queue enqueues, identical on every rank). A rank's own rows are
+    not in ``others``: the caller keeps its local tensor (and its direct gradient path) first.
+    """
+    sizes = torch.tensor([local.shape[0]], device=local.device)
+    all_sizes = [torch.empty_like(sizes) for _ in range(distributed_world())]
+    torch.distributed.all_gather(all_sizes, sizes)
+    if len({int(s) for s in all_sizes}) != 1:
+        raise UserError("craft_gather_negatives needs the same contrastive batch size on every rank; got "
+                        f"{[int(s) for s in all_sizes]} (use dataloader_drop_last=True or a dataset size divisible "
+                        "by world size x batch size)")
+    gathered = _GatherWithGradient.apply(local)
+    rank = torch.distributed.get_rank()
+    others = torch.cat([gathered[r] for r in range(gathered.shape[0]) if r != rank])
+    return others, gathered.detach().flatten(0, 1)

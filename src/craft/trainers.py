@@ -16,22 +16,24 @@
   (`input_ids_tgt`, `attention_mask_tgt`) run through the (accelerate-wrapped) model in one forward, are pooled,
   projected by the trainer's `ProjectionHead` (hidden_size -> craft_projection_dim) and scored by InfoNCE.
 
-The projection head and the InfoNCE module (with its learnable temperature) live in `trainer.craft_modules`,
-are added to the optimizer, saved as `craft_state.pt` in every checkpoint / `save_model` directory, and restored
-by `train(resume_from_checkpoint=...)`.
+The contrastive objective — pooling, projection head, temperature, InfoNCE, negative queue, balancing state — is
+one module, `trainer.craft_objective` (`craft.objective.ContrastiveObjective`), attached to the model as its
+submodule ``craft_objective``: the optimizer, DDP / DeepSpeed / FSDP and their checkpoints treat its parameters
+like the model's. `save_model` writes the plain HF model and `craft_state.pt` beside it (also in every
+checkpoint); `train(resume_from_checkpoint=...)` restores it. The trainer only routes batches:
+batch -> trainer -> model (+ `craft.encoding`) + objective -> loss.
 
 At scale (see docs/craft_scale.md): `craft_use_gradcache` sends contrastive micro-batches through
-`craft.gradcache.contrastive_gradcache_loss`; `craft_negative_strategy="queue"` adds `trainer.craft_queue`
-(`craft.negatives.NegativeQueue`, saved in `craft_state.pt`) as extra negatives; `craft_gradient_balancing`
-multiplies each task's weight by a balancing weight (`trainer.craft_balancing`, logged as
-`balancing/craft_weight_sft|contrastive` = alpha-weight x balancing weight). The preference / RL wrappers
+`craft.gradcache.contrastive_gradcache`; `craft_negative_strategy="queue"` adds the objective's MoCo queue as
+extra negatives; with several ranks the other ranks' positives are negatives too (`craft_gather_negatives`);
+`craft_gradient_balancing` multiplies each task's weight by a balancing weight (`trainer.craft_balancing`, logged
+as `balancing/craft_weight_sft|contrastive` = alpha-weight x balancing weight). The preference / RL wrappers
 (`CRAFTDPOTrainer`, `CRAFTGRPOTrainer`, `CRAFTKTOTrainer`, `CRAFTRLOOTrainer`, `CRAFTORPOTrainer`,
 `CRAFTPPOTrainer`) live in `craft.trl_wrappers` and are importable from here.
 """
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import itertools
 import os
@@ -52,65 +54,19 @@ from craft.accumulator import (
     sft_target_count,
 )
 from craft.config import CRAFTConfigMixin
-from craft.data import CRAFTCollator, CRAFTMixedDataLoader, assistant_token_mask, build_loader
+from craft.data import CRAFTCollator, CRAFTMixedDataLoader, build_loader
+from craft.encoding import (forward_hidden, hidden_state_capture, ids_and_mask, paired_sides, self_align_masks,
+                            stack_right_padded, with_default_labels)
 from craft.errors import UserError
-from craft.gradcache import contrastive_gradcache_loss
-from craft.gradient_balancing import CONTRASTIVE_TASK, SFT_TASK, BalancedScaler, GradientBalancing
-from craft.hooks import LastHiddenStateCapture, unwrap_model
-from craft.losses import InfoNCELoss, ProjectionHead
-from craft.metrics import EMAReference, contrastive_accuracy
-from craft.negatives import NegativeQueue
+from craft.gradcache import contrastive_gradcache
+from craft.gradient_balancing import CONTRASTIVE_TASK, SFT_TASK, BalancedScaler
+from craft.hooks import unwrap_model
+from craft.objective import OBJECTIVE_NAME, ContrastiveObjective, attach_objective, objective_tensors
+from craft.trainer_logging import CRAFTLoggingMixin, WindowLog
 
 CRAFT_STATE_NAME = "craft_state.pt"
-EMA_DECAY = 0.99  # representation-consistency reference: roughly the last hundred contrastive batches
 # Keys a model forward accepts besides those in its signature.
 _LABEL_KEYS = ("labels", "shift_labels")
-
-
-class CRAFTModules(nn.Module):
-    """The trainable CRAFT parameters outside the language model: `projection` (ProjectionHead H -> D) and
-    `infonce` (InfoNCELoss; holds `log_inv_temperature` when the temperature is learnable)."""
-
-    def __init__(self, hidden_size: int, args: CRAFTConfigMixin):
-        super().__init__()
-        self.projection = ProjectionHead(hidden_size, args.craft_projection_dim, dropout=args.craft_projection_dropout)
-        self.infonce = InfoNCELoss(args.craft_temperature, args.craft_learnable_temperature, args.craft_pooling)
-
-    def embed(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Pool hidden [B, T, H] over mask [B, T] and project: [B, D]."""
-        pooled = self.infonce.pool(hidden, mask)
-        return self.projection(pooled.to(self.projection.fc1.weight.dtype))
-
-
-class _BackboneHiddenStates:
-    """Last hidden state [B, T, H] via `output_hidden_states=True` (craft_use_hidden_state_hook=False).
-
-    The model is asked for every layer's output (`forward_kwargs`); the last one is read from the backbone's
-    output by a forward hook, because TRL's fused LM head does not return the hidden states to the caller.
-    """
-
-    forward_kwargs = {"output_hidden_states": True}
-
-    def __init__(self, model: nn.Module):
-        self.backbone = unwrap_model(model).base_model
-        self.hidden = None
-        self._handle = None
-
-    def _hook(self, module, inputs, output):
-        self.hidden = output.hidden_states[-1]
-
-    def __enter__(self):
-        self._handle = self.backbone.register_forward_hook(self._hook)
-        return self
-
-    def __exit__(self, *exc_info):
-        self._handle.remove()
-
-
-class _FinalNormHook(LastHiddenStateCapture):
-    """`LastHiddenStateCapture` with the (empty) extra forward arguments the capture protocol asks for."""
-
-    forward_kwargs: dict = {}
 
 
 class _MixedBatches(IterableDataset):
@@ -137,17 +93,7 @@ class _MixedBatchLoader(DataLoader):
         self.dataset.mixed.set_epoch(epoch)
 
 
-class _WindowLog:
-    """Running sums of one accumulation window (this rank), turned into the logged loss terms when it ends."""
-
-    def __init__(self, counts: WindowCounts, num_micro_batches: int):
-        self.counts = counts
-        self.remaining = num_micro_batches
-        self.sft_nll_sum = 0.0
-        self.contrastive_sum = 0.0
-
-
-class CRAFTTrainerMixin:
+class CRAFTTrainerMixin(CRAFTLoggingMixin):
     """CRAFT for a `transformers.Trainer` subclass: `class MyTrainer(CRAFTTrainerMixin, Trainer)`.
 
     Extra keyword arguments:
@@ -158,8 +104,7 @@ class CRAFTTrainerMixin:
     `args` must be a CRAFT config (`CRAFTTrainingArguments`, `CRAFTSFTConfig`, ...).
 
     Subclasses change the contrastive computation by overriding `_contrastive_loss(model, batch)` (a whole
-    contrastive micro-batch, e.g. GradCache) or `_infonce(anchors, positives)` (every InfoNCE term, e.g. extra
-    negatives).
+    contrastive micro-batch); negatives and the loss itself live in `trainer.craft_objective`.
     """
 
     # Whether the host's compute_loss divides the summed token NLL by `num_items_in_batch` (TRL's does always;
@@ -175,6 +120,12 @@ class CRAFTTrainerMixin:
                             f"CRAFTTrainingArguments, ...); got {type(training_args).__name__}")
         if craft_bundle is None:
             raise UserError(f"{type(self).__name__} needs craft_bundle=make_craft_datasets(...)")
+        if training_args.ddp_find_unused_parameters:
+            raise UserError("ddp_find_unused_parameters=True does not work with CRAFT: the contrastive objective's "
+                            "parameters are used outside the model's forward, which DDP's unused-parameter search "
+                            "would mark ready twice; leave it unset (CRAFT gives every parameter a gradient)")
+        # transformers would turn the search on for models without gradient checkpointing.
+        training_args.ddp_find_unused_parameters = False
         super().__init__(*args, **kwargs)
         self.craft_bundle = craft_bundle
         self.craft_strategy = craft_bundle.strategy
@@ -184,20 +135,31 @@ class CRAFTTrainerMixin:
         # compute_loss returns window-normalised losses: Trainer must not divide them by the accumulation steps.
         self.loss_is_scaled_for_ga = True
         base = unwrap_model(self.model)
-        self.craft_modules = CRAFTModules(base.config.get_text_config().hidden_size, self.args).to(self.args.device)
-        self.craft_queue = (NegativeQueue(self.args.craft_negative_queue_size)
-                            if self.args.craft_negative_strategy == "queue" else None)
-        self.craft_balancing = GradientBalancing(self.args.craft_gradient_balancing, self.args.craft_alpha,
-                                                 seed=self.args.seed)
-        if self.craft_balancing.module is not None:
-            # uncertainty's log-variances: in the optimizer, all-reduced and saved along with the head
-            self.craft_modules.add_module("balancing", self.craft_balancing.module.to(self.args.device))
+        objective = ContrastiveObjective.from_config(base.config.get_text_config().hidden_size, self.args)
+        attach_objective(base, objective.to(self.args.device))
         self._craft_step_losses: dict[int, float] = {}
-        self.craft_ema = EMAReference(EMA_DECAY)
         self._craft_forward_names = set(inspect.signature(base.forward).parameters) | set(_LABEL_KEYS)
-        self._craft_window: _WindowLog | None = None
+        self._craft_window: WindowLog | None = None
         self._craft_scaler: AccumulationScaler | None = None
         self._craft_logs: dict[str, list[float]] = defaultdict(list)
+
+    @property
+    def craft_objective(self) -> ContrastiveObjective:
+        """The contrastive objective module attached to the model (`craft.objective`)."""
+        return getattr(unwrap_model(self.model), OBJECTIVE_NAME)
+
+    @property
+    def craft_modules(self) -> ContrastiveObjective:
+        """The objective's trainable parts (`.projection`, `.infonce`, `.balancing`): the objective itself."""
+        return self.craft_objective
+
+    @property
+    def craft_queue(self):
+        return self.craft_objective.queue
+
+    @property
+    def craft_balancing(self):
+        return self.craft_objective.balancer
 
     # ---------------------------------------------------------------------------------------------- data
 
@@ -254,9 +216,7 @@ class CRAFTTrainerMixin:
         Returns (batches, N_sft) with N_sft the window's SFT target tokens over all ranks; contrastive
         micro-batches never count as SFT tokens.
         """
-        # Trainer zeroes only the model's gradients after a step; the CRAFT modules' are cleared here.
-        self.craft_modules.zero_grad(set_to_none=True)
-        batches = [_with_default_labels(batch, batch_type(batch))
+        batches = [with_default_labels(batch, batch_type(batch))
                    for batch in itertools.islice(epoch_iterator, num_batches)]
         shifted = getattr(self, "_loss_shifts_labels", True)
         local = count_window(batches, self.craft_self_align, labels_are_shifted_by_model=shifted)
@@ -267,7 +227,7 @@ class CRAFTTrainerMixin:
                 torch.tensor([local.sft_tokens, local.contrastive_terms], device=device)).view(world, 2).sum(0)
             total = WindowCounts(int(summed[0]), int(summed[1]))
         self._craft_scaler = self._craft_balanced_scaler(AccumulationScaler(self.args.craft_alpha, total, world))
-        self._craft_window = _WindowLog(local, len(batches))
+        self._craft_window = WindowLog(local, len(batches))
         return batches, torch.tensor(total.sft_tokens, device=device)
 
     def _craft_balanced_scaler(self, scaler: AccumulationScaler) -> BalancedScaler:
@@ -297,8 +257,8 @@ class CRAFTTrainerMixin:
             [inputs], _ = self.get_batch_samples(iter([{**inputs, BATCH_TYPE_KEY: kind or SFT}]), 1,
                                                  self.args.device)
             kind = inputs.pop(BATCH_TYPE_KEY)
-        self.craft_modules.train()
-        inputs = _with_default_labels(inputs, kind)
+        self.craft_objective.train()
+        inputs = with_default_labels(inputs, kind)
         if kind == CONTRASTIVE:
             loss = self._craft_contrastive_micro_batch_loss(model, inputs)
         else:
@@ -312,9 +272,10 @@ class CRAFTTrainerMixin:
         if not self.craft_self_align:
             token_sum = self._sft_token_sum(model, self._craft_model_inputs(inputs), num_tokens)
             self._craft_window.sft_nll_sum += float(token_sum.detach())
-            return self._craft_scaler.micro_batch_loss(sft_token_sum=token_sum, sft_tokens=num_tokens)
+            loss = self._craft_scaler.micro_batch_loss(sft_token_sum=token_sum, sft_tokens=num_tokens)
+            return loss + self._craft_unused_objective_zero()
         anchor_mask, positive_mask = self._self_align_masks(inputs)
-        with self._hidden_state_capture(model) as capture:
+        with hidden_state_capture(model, self.args.craft_use_hidden_state_hook) as capture:
             token_sum = self._sft_token_sum(model, {**self._craft_model_inputs(inputs), **capture.forward_kwargs},
                                             num_tokens)
         contrastive, _, _ = self._pooled_infonce(capture.hidden, anchor_mask, positive_mask)
@@ -341,12 +302,12 @@ class CRAFTTrainerMixin:
     def _craft_contrastive_micro_batch_loss(self, model, batch) -> torch.Tensor:
         """The weighted InfoNCE of one contrastive micro-batch, through GradCache when `craft_use_gradcache`."""
         if self.args.craft_use_gradcache:
-            return contrastive_gradcache_loss(self, model, batch)
+            return self._craft_gradcache_loss(model, batch)
         loss, _, _ = self._contrastive_loss(model, batch)
         return self._craft_scaler.micro_batch_loss(contrastive_loss=loss)
 
     def _contrastive_loss(self, model, batch):
-        """InfoNCE of one contrastive micro-batch: (loss, logits [B, B], anchor embeddings [B, D]).
+        """InfoNCE of one contrastive micro-batch: (loss, logits [B, C], anchor embeddings [B, D]).
 
         Paired: anchors and positives are right-padded to one length and run through `model` in one forward
         (only the last position's logits are computed). Self-align: one forward, prompt vs assistant pooling.
@@ -356,132 +317,72 @@ class CRAFTTrainerMixin:
             hidden, zero = self._forward_hidden(model, batch["input_ids"], batch.get("attention_mask"))
             loss, logits, anchors = self._pooled_infonce(hidden, anchor_mask, positive_mask)
             return loss + zero, logits, anchors
-        if "input_ids_tgt" not in batch:
-            raise UserError("a paired contrastive batch has no 'input_ids_tgt' (the positives); the contrastive "
-                            f"loader must yield them (CRAFTCollator pads them); batch keys: {', '.join(batch)}")
-        anchors = _ids_and_mask(batch, "")
-        positives = _ids_and_mask(batch, "_tgt")
-        input_ids, attention_mask = _stack_right_padded([anchors, positives])
+        anchors, positives = paired_sides(batch)
+        input_ids, attention_mask = stack_right_padded([anchors, positives])
         hidden, zero = self._forward_hidden(model, input_ids, attention_mask)
         size = anchors[0].shape[0]
-        embeddings = self.craft_modules.embed(hidden, attention_mask)
-        loss, logits, anchor_embeddings = self._infonce(embeddings[:size], embeddings[size:])
+        pooled = self.craft_objective.pool(hidden, attention_mask)
+        loss, logits, anchor_embeddings = self._score(pooled[:size], pooled[size:])
         return loss + zero, logits, anchor_embeddings
 
-    def _forward_hidden(self, model, input_ids, attention_mask):
-        """(last hidden state [B, T, H], a zero tied to the logits) of one forward of the wrapped model.
+    def _craft_gradcache_loss(self, model, batch) -> torch.Tensor:
+        """A contrastive micro-batch through `craft.gradcache.contrastive_gradcache`; the tensor the Trainer
+        backpropagates.
 
-        Only the last position's logits are computed. Adding the zero to the loss gives the LM head a (zero)
-        gradient, as DDP requires of every parameter the forward used.
+        GradCache backpropagates ``w_con · λ_con · InfoNCE`` itself (DDP synchronisation deferred to the last
+        chunk). The returned tensor has that weighted value; its backward adds only uncertainty balancing's
+        ``w_con · s_con`` term (for the other strategies it is a fresh leaf whose backward changes no parameter).
         """
-        with self._hidden_state_capture(model) as capture:
-            outputs = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=1,
-                            **capture.forward_kwargs)
-        return capture.hidden, outputs.logits.sum() * 0.0
+        if self.craft_self_align:
+            anchor_mask, positive_mask = self._self_align_masks(batch)
+            ids, mask = ids_and_mask(batch, "")
+            anchors, positives = (ids, mask, anchor_mask), (ids, mask, positive_mask)
+        else:
+            (ids_a, mask_a), (ids_p, mask_p) = paired_sides(batch)
+            anchors, positives = (ids_a, mask_a, mask_a), (ids_p, mask_p, mask_p)
+        scaler = self._craft_scaler
+        weight = scaler.contrastive_weight()
+        loss, logits, anchor_embeddings = contrastive_gradcache(
+            lambda i, m: self._forward_hidden(model, i, m), self.craft_objective, anchors, positives,
+            self.args.craft_gradcache_chunk_size, weight, no_sync=lambda: self.accelerator.no_sync(model))
+        self._craft_record_contrastive(loss, logits, anchor_embeddings)
+        value = (weight * loss).detach().float()
+        regularizer = scaler.contrastive_regularizer()
+        if regularizer is None:
+            return value.clone().requires_grad_(True)
+        return regularizer + (value - regularizer.detach())
 
-    def _self_align_masks(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """(prompt mask, assistant mask), each [B, T]; a `UserError` naming rows with an empty span."""
-        positive = assistant_token_mask(batch, self.args.craft_assistant_mask_key).bool()
-        attention = batch.get("attention_mask")
-        attention = torch.ones_like(positive) if attention is None else attention.bool()
-        anchor = attention & ~positive
-        empty = (~anchor.any(dim=1)).nonzero().flatten().tolist()
-        if empty:
-            raise UserError(f"self_align: row(s) {', '.join(map(str, empty))} of the batch have no prompt token "
-                            "(every token is an assistant token), so there is no anchor to pool")
-        return anchor, positive
+    def _forward_hidden(self, model, input_ids, attention_mask):
+        """(last hidden state [B, T, H], a zero tied to the logits and the unused objective parameters)."""
+        hidden, zero = forward_hidden(model, input_ids, attention_mask, self.args.craft_use_hidden_state_hook)
+        return hidden, zero + self._craft_unused_objective_zero()
+
+    def _craft_unused_objective_zero(self) -> torch.Tensor | float:
+        """Under DDP, a zero touching the objective's parameters, so that a synchronised backward that does not
+        use them (an SFT micro-batch, a GradCache chunk) still all-reduces their gradients."""
+        if self.accelerator.num_processes > 1:
+            return self.craft_objective.zero_touch()
+        return 0.0
+
+    def _self_align_masks(self, batch):
+        return self_align_masks(batch, self.args.craft_assistant_mask_key)
 
     def _pooled_infonce(self, hidden, anchor_mask, positive_mask):
-        modules = self.craft_modules
-        return self._infonce(modules.embed(hidden, anchor_mask), modules.embed(hidden, positive_mask))
+        objective = self.craft_objective
+        return self._score(objective.pool(hidden, anchor_mask), objective.pool(hidden, positive_mask))
 
-    def _infonce(self, anchors, positives):
-        """InfoNCE over projected embeddings, recorded for logging: (loss, logits, anchors).
-
-        Every contrastive term of both strategies goes through here: the one place extra negatives plug in.
-        """
-        queue = self.craft_queue
-        negatives = None if queue is None else queue.negatives()
-        loss, logits = self.craft_modules.infonce(anchors, positives, negatives=negatives, return_logits=True)
-        if queue is not None:
-            queue.enqueue(positives)  # after the loss: detached copies, written out of place
+    def _score(self, pooled_anchors, pooled_positives):
+        """The objective on pooled states, recorded for logging: (loss, logits, projected anchors)."""
+        loss, logits, anchors = self.craft_objective(pooled_anchors, pooled_positives)
         self._craft_record_contrastive(loss, logits, anchors)
         return loss, logits, anchors
-
-    @contextlib.contextmanager
-    def _hidden_state_capture(self, model):
-        """Capture of the last hidden state around a forward of the (wrapped) model: `.hidden`, `.forward_kwargs`."""
-        if self.args.craft_use_hidden_state_hook:
-            capture = _FinalNormHook(unwrap_model(model))
-        else:
-            capture = _BackboneHiddenStates(model)
-        with capture:
-            yield capture
-
-    # ------------------------------------------------------------------------------------------ logging
-
-    def _craft_record_contrastive(self, loss, logits, anchors) -> None:
-        self._craft_window.contrastive_sum += float(loss.detach())
-        args = self.args
-        if args.craft_metric_enabled("contrastive_accuracy"):
-            self._craft_logs["metrics/craft_contrastive_accuracy"].append(contrastive_accuracy(logits))
-        if args.craft_metric_enabled("representation_consistency"):
-            value = self.craft_ema.representation_consistency(anchors)
-            self._craft_logs["metrics/craft_representation_consistency"].append(value)
-            self.craft_ema.update(anchors)
-        if args.craft_learnable_temperature and args.craft_metric_enabled("temperature"):
-            self._craft_logs["metrics/craft_temperature"].append(self.craft_modules.infonce.temperature)
-
-    def _craft_end_micro_batch(self) -> None:
-        window = self._craft_window
-        window.remaining -= 1
-        if window.remaining > 0:
-            return
-        alpha, total = self.args.craft_alpha, 0.0
-        if window.counts.sft_tokens:
-            sft = window.sft_nll_sum / window.counts.sft_tokens
-            self._craft_logs["loss/craft_sft"].append(sft)
-            total += alpha * sft
-        if window.counts.contrastive_terms:
-            contrast = window.contrastive_sum / window.counts.contrastive_terms
-            self._craft_logs["loss/craft_contrast"].append(contrast)
-            total += (1 - alpha) * contrast
-        self._craft_logs["loss/craft_total"].append(total)
-        self._craft_end_step_balancing(window)
-
-    def _craft_end_step_balancing(self, window: _WindowLog) -> None:
-        """Log the step's effective weights (alpha-weight x balancing weight); loss_scale and gradnorm get the
-        step's task losses averaged over ranks."""
-        balancing = self.craft_balancing
-        for task, weight in balancing.effective_weights().items():
-            self._craft_logs[f"balancing/craft_weight_{task}"].append(weight)
-        if balancing.strategy not in ("loss_scale", "gradnorm"):
-            return
-        sums = torch.tensor([window.sft_nll_sum, window.counts.sft_tokens, window.contrastive_sum,
-                             window.counts.contrastive_terms], dtype=torch.float64, device=self.args.device)
-        if self.accelerator.num_processes > 1:
-            torch.distributed.all_reduce(sums)
-        sums = sums.tolist()
-        self._craft_step_losses = {task: sums[2 * task] / sums[2 * task + 1]
-                                   for task in (SFT_TASK, CONTRASTIVE_TASK) if sums[2 * task + 1] > 0}
-        balancing.end_step(self._craft_step_losses)
-
-    def log(self, logs, start_time=None):
-        """Trainer logs plus the CRAFT terms averaged over the logging interval (training logs only)."""
-        if "loss" in logs and self._craft_logs:
-            logs.update({name: sum(values) / len(values) for name, values in self._craft_logs.items()})
-            self._craft_logs.clear()
-        return super().log(logs, start_time)
 
     # ------------------------------------------------------------------------------ optimizer and state
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         if self.craft_balancing.per_task_gradients:
             return self._craft_per_task_training_step(model, inputs, num_items_in_batch)
-        loss = super().training_step(model, inputs, num_items_in_batch)
-        if self.accelerator.num_processes > 1 and self._craft_step_complete():
-            self._craft_all_reduce_gradients()
-        return loss
+        return super().training_step(model, inputs, num_items_in_batch)
 
     def _craft_step_complete(self) -> bool:
         return self._craft_window is not None and self._craft_window.remaining == 0
@@ -501,8 +402,8 @@ class CRAFTTrainerMixin:
         return loss
 
     def _craft_trainable_parameters(self) -> list[torch.Tensor]:
-        """The model's and the CRAFT modules' trainable parameters, in a fixed order (the same on every rank)."""
-        return [p for p in itertools.chain(self.model.parameters(), self.craft_modules.parameters()) if p.requires_grad]
+        """The model's trainable parameters, the objective's included, in a fixed order (the same on every rank)."""
+        return [p for p in self.model.parameters() if p.requires_grad]
 
     def _craft_last_layer_indices(self, params) -> list[int]:
         """Indices in `params` of the last decoder layer's trainable parameters: GradNorm's shared layer W."""
@@ -519,61 +420,43 @@ class CRAFTTrainerMixin:
         torch.distributed.all_reduce(vector)
         return vector / self.accelerator.num_processes
 
-    def _craft_all_reduce_gradients(self) -> None:
-        """Average the CRAFT modules' gradients over ranks, as DDP does for the model's (they are not in DDP)."""
-        world = self.accelerator.num_processes
-        for param in self.craft_modules.parameters():
-            if param.grad is not None:
-                torch.distributed.all_reduce(param.grad)
-                param.grad /= world
+    def get_decay_parameter_names(self, model) -> list[str]:
+        """The host's choice, less the objective's vectors and scalars (biases, log-temperature, log-variances):
+        weight decay applies to the projection head's matrices only."""
+        names = super().get_decay_parameter_names(model)
+        marker = OBJECTIVE_NAME + "."
+        small = {name for name, p in model.named_parameters() if marker in name and p.dim() < 2}
+        return [name for name in names if name not in small]
 
     def create_optimizer(self, *args, **kwargs):
-        """The host's optimizer plus the projection head and temperature (weight decay on the head's matrices)."""
+        """The host's optimizer; one passed through ``optimizers=`` must hold the objective's parameters."""
         optimizer = super().create_optimizer(*args, **kwargs)
-        if self.accelerator.num_processes > 1:  # DDP broadcasts the model's initial weights, not these
-            for tensor in self.craft_modules.state_dict().values():
-                torch.distributed.broadcast(tensor, src=0)
         present = {id(p) for group in optimizer.param_groups for p in group["params"]}
-        missing = [(name, p) for name, p in self.craft_modules.named_parameters()
-                   if p.requires_grad and id(p) not in present]
-        if not missing:
-            return optimizer
-        if self.lr_scheduler is not None:
+        if any(p.requires_grad and id(p) not in present for p in self.craft_objective.parameters()):
             raise UserError("the optimizer passed in `optimizers=` does not hold the CRAFT projection head and "
-                            "temperature; build it over model parameters + trainer.craft_modules.parameters()")
-        decay = [p for name, p in missing if p.dim() >= 2]
-        no_decay = [p for name, p in missing if p.dim() < 2]
-        for params, weight_decay in ((decay, self.args.weight_decay), (no_decay, 0.0)):
-            if params:
-                optimizer.add_param_group({"params": params, "weight_decay": weight_decay})
+                            "temperature; build it over all of model.parameters() after creating the trainer "
+                            "(the objective is the model's submodule `craft_objective`)")
         return optimizer
 
     def craft_state_dict(self) -> dict:
-        """Projection head, InfoNCE (temperature) and EMA reference state."""
-        modules = {k: v.detach().cpu() for k, v in self.craft_modules.state_dict().items()}
-        state = {"modules": modules, "ema": self.craft_ema.state_dict(), "balancing": self.craft_balancing.state_dict()}
-        if self.craft_queue is not None:
-            state["queue"] = self.craft_queue.state_dict()
-        return state
+        """The objective's parameters, queue, balancing and EMA state (`ContrastiveObjective.craft_state_dict`)."""
+        return self.craft_objective.craft_state_dict()
 
     def load_craft_state_dict(self, state: dict) -> None:
-        self.craft_modules.load_state_dict(state["modules"])
-        self.craft_ema.load_state_dict(state["ema"])
-        if "balancing" in state:
-            self.craft_balancing.load_state_dict(state["balancing"])
-        if self.craft_queue is not None:
-            if "queue" not in state:
-                raise UserError("the checkpoint has no negative queue (it was trained without "
-                                "craft_negative_strategy='queue'); resume with the same strategy")
-            self.craft_queue.load_state_dict(state["queue"], device=self.args.device)
+        self.craft_objective.load_craft_state_dict(state)
 
-    def save_model(self, output_dir=None, _internal_call=False):
-        """The host's save plus `craft_state.pt` next to the weights (also inside every checkpoint)."""
-        super().save_model(output_dir, _internal_call)
+    def _save(self, output_dir=None, state_dict=None):
+        """The host's save of the plain HF model (without the objective) plus `craft_state.pt` beside it.
+
+        ``state_dict`` is the full model state an engine gathered from its shards (DeepSpeed ZeRO-3, FSDP), if
+        any: the objective's tensors are taken from it before `save_pretrained` drops them.
+        """
+        tensors = objective_tensors(state_dict) if state_dict else None
+        super()._save(output_dir, state_dict)
         if self.args.should_save:
             output_dir = self.args.output_dir if output_dir is None else output_dir
             os.makedirs(output_dir, exist_ok=True)
-            torch.save(self.craft_state_dict(), os.path.join(output_dir, CRAFT_STATE_NAME))
+            torch.save(self.craft_objective.craft_state_dict(tensors), os.path.join(output_dir, CRAFT_STATE_NAME))
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         super()._load_from_checkpoint(resume_from_checkpoint, model)
@@ -582,36 +465,6 @@ class CRAFTTrainerMixin:
             raise UserError(f"{resume_from_checkpoint} has no {CRAFT_STATE_NAME} (CRAFT projection head and "
                             "temperature): it was not written by a CRAFT trainer")
         self.load_craft_state_dict(torch.load(path, map_location=self.args.device, weights_only=True))
-
-
-def _with_default_labels(batch, kind: str):
-    """SFT batches without `labels` learn every non-padding token (labels = input_ids, padding -> -100)."""
-    if kind == CONTRASTIVE or "labels" in batch:
-        return batch
-    labels = batch["input_ids"].clone()
-    if "attention_mask" in batch:
-        labels[batch["attention_mask"] == 0] = -100
-    return {**batch, "labels": labels}
-
-
-def _ids_and_mask(batch, suffix: str) -> tuple[torch.Tensor, torch.Tensor]:
-    ids = batch["input_ids" + suffix]
-    mask = batch.get("attention_mask" + suffix)
-    return ids, torch.ones_like(ids) if mask is None else mask
-
-
-def _stack_right_padded(pairs) -> tuple[torch.Tensor, torch.Tensor]:
-    """Concatenate (ids [B_i, T_i], mask [B_i, T_i]) along the batch, right-padding to max T_i (mask 0 there).
-
-    Causal attention and masked pooling make the extra right padding invisible to the real tokens.
-    """
-    length = max(ids.shape[1] for ids, _ in pairs)
-    padded_ids, padded_masks = [], []
-    for ids, mask in pairs:
-        extra = length - ids.shape[1]
-        padded_ids.append(nn.functional.pad(ids, (0, extra), value=0))  # any id: masked
-        padded_masks.append(nn.functional.pad(mask, (0, extra), value=0))
-    return torch.cat(padded_ids), torch.cat(padded_masks)
 
 
 def _sft_trainer_class():

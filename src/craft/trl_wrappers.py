@@ -30,7 +30,8 @@ from craft.config import TRLFeatureUnavailable, trl_version
 from craft.data import CRAFTCollator, is_contrastive_step
 from craft.errors import UserError
 from craft.gradient_balancing import CONTRASTIVE_TASK, SFT_TASK
-from craft.trainers import CRAFTTrainerMixin, _WindowLog
+from craft.trainer_logging import WindowLog
+from craft.trainers import CRAFTTrainerMixin
 
 
 class CRAFTAuxiliaryContrastiveMixin(CRAFTTrainerMixin):
@@ -90,15 +91,13 @@ class CRAFTAuxiliaryContrastiveMixin(CRAFTTrainerMixin):
         return batches, num_items
 
     def _craft_open_window(self, num_micro_batches: int) -> None:
-        # Trainer zeroes only the model's gradients after a step; the CRAFT modules' are cleared here.
-        self.craft_modules.zero_grad(set_to_none=True)
         start, beta = self._craft_micro_batch_index, self.args.craft_beta
         terms = sum(is_contrastive_step(start + i, beta) for i in range(num_micro_batches))
         world = self.accelerator.num_processes
         # Every rank follows the same schedule: the window holds terms * world InfoNCE terms in all.
         scaler = AccumulationScaler(self.args.craft_alpha, WindowCounts(num_micro_batches, terms * world), world)
         self._craft_scaler = self._craft_balanced_scaler(scaler)
-        self._craft_window = _WindowLog(WindowCounts(num_micro_batches, terms), num_micro_batches)
+        self._craft_window = WindowLog(WindowCounts(num_micro_batches, terms), num_micro_batches)
 
     # ------------------------------------------------------------------------------------------- losses
 
@@ -138,7 +137,7 @@ class CRAFTAuxiliaryContrastiveMixin(CRAFTTrainerMixin):
     def _craft_auxiliary_contrastive(self, model) -> None:
         """Forward and backward of one weighted contrastive micro-batch, before the host's own step."""
         batch = self._craft_next_contrastive_batch()
-        self.craft_modules.train()
+        self.craft_objective.train()
         with self.accelerator.no_sync(model):
             loss = self._craft_contrastive_micro_batch_loss(model, batch)
             self.accelerator.backward(loss)

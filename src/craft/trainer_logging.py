@@ -1,0 +1,85 @@
+"""What a CRAFT trainer logs: the optimised objective's terms per accumulation window, and the contrastive metrics.
+
+Per optimizer step (one window of micro-batches on this rank): ``loss/craft_sft`` = the window's SFT token NLL
+sum / its SFT tokens, ``loss/craft_contrast`` = the mean InfoNCE of its contrastive terms, ``loss/craft_total`` =
+``alpha · sft + (1 - alpha) · contrast`` (terms that are absent count 0), the effective task weights
+``balancing/craft_weight_*``, and (``craft_report_metrics``) ``metrics/craft_contrastive_accuracy``,
+``metrics/craft_representation_consistency``, ``metrics/craft_temperature``. Values are averaged over the
+Trainer's logging interval.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from craft.accumulator import WindowCounts
+from craft.gradient_balancing import CONTRASTIVE_TASK, SFT_TASK
+from craft.metrics import contrastive_accuracy
+
+
+class WindowLog:
+    """Running sums of one accumulation window (this rank), turned into the logged loss terms when it ends."""
+
+    def __init__(self, counts: WindowCounts, num_micro_batches: int):
+        self.counts = counts
+        self.remaining = num_micro_batches
+        self.sft_nll_sum = 0.0
+        self.contrastive_sum = 0.0
+
+
+class CRAFTLoggingMixin:
+    """The logging half of `craft.trainers.CRAFTTrainerMixin` (expects ``_craft_window``, ``_craft_logs``,
+    ``craft_objective``, ``craft_balancing`` on the trainer)."""
+
+    def _craft_record_contrastive(self, loss, logits, anchors) -> None:
+        self._craft_window.contrastive_sum += float(loss.detach())
+        args = self.args
+        if args.craft_metric_enabled("contrastive_accuracy"):
+            self._craft_logs["metrics/craft_contrastive_accuracy"].append(contrastive_accuracy(logits))
+        if args.craft_metric_enabled("representation_consistency"):
+            ema = self.craft_objective.ema
+            self._craft_logs["metrics/craft_representation_consistency"].append(ema.representation_consistency(anchors))
+            ema.update(anchors)
+        if args.craft_learnable_temperature and args.craft_metric_enabled("temperature"):
+            self._craft_logs["metrics/craft_temperature"].append(self.craft_objective.infonce.temperature)
+
+    def _craft_end_micro_batch(self) -> None:
+        window = self._craft_window
+        window.remaining -= 1
+        if window.remaining > 0:
+            return
+        alpha, total = self.args.craft_alpha, 0.0
+        if window.counts.sft_tokens:
+            sft = window.sft_nll_sum / window.counts.sft_tokens
+            self._craft_logs["loss/craft_sft"].append(sft)
+            total += alpha * sft
+        if window.counts.contrastive_terms:
+            contrast = window.contrastive_sum / window.counts.contrastive_terms
+            self._craft_logs["loss/craft_contrast"].append(contrast)
+            total += (1 - alpha) * contrast
+        self._craft_logs["loss/craft_total"].append(total)
+        self._craft_end_step_balancing(window)
+
+    def _craft_end_step_balancing(self, window: WindowLog) -> None:
+        """Log the step's effective weights (alpha-weight x balancing weight); loss_scale and gradnorm get the
+        step's task losses averaged over ranks."""
+        balancing = self.craft_balancing
+        for task, weight in balancing.effective_weights().items():
+            self._craft_logs[f"balancing/craft_weight_{task}"].append(weight)
+        if balancing.strategy not in ("loss_scale", "gradnorm"):
+            return
+        sums = torch.tensor([window.sft_nll_sum, window.counts.sft_tokens, window.contrastive_sum,
+                             window.counts.contrastive_terms], dtype=torch.float64, device=self.args.device)
+        if self.accelerator.num_processes > 1:
+            torch.distributed.all_reduce(sums)
+        sums = sums.tolist()
+        self._craft_step_losses = {task: sums[2 * task] / sums[2 * task + 1]
+                                   for task in (SFT_TASK, CONTRASTIVE_TASK) if sums[2 * task + 1] > 0}
+        balancing.end_step(self._craft_step_losses)
+
+    def log(self, logs, start_time=None):
+        """Trainer logs plus the CRAFT terms averaged over the logging interval (training logs only)."""
+        if "loss" in logs and self._craft_logs:
+            logs.update({name: sum(values) / len(values) for name, values in self._craft_logs.items()})
+            self._craft_logs.clear()
+        return super().log(logs, start_time)
