@@ -325,6 +325,11 @@ def probe_ga1_trains_sft(tmp):
     return f"{sft_count} of {len(kinds)} micro-batches are SFT"
 
 
+def _lm_parameters(model):
+    """The language model's own parameters (ours attaches the contrastive objective as `craft_objective`)."""
+    return [p for name, p in model.named_parameters() if "craft_objective." not in name]
+
+
 def alpha_share(impl: str, tmp: str) -> tuple[float, float, float]:
     """Fit one optimizer step's gradient as a·g_sft + b·g_con; returns (a, b, relative residual).
 
@@ -342,7 +347,7 @@ def alpha_share(impl: str, tmp: str) -> tuple[float, float, float]:
 
     class CaptureGradient(TrainerCallback):
         def on_pre_optimizer_step(self, args, state, control, **kwargs):
-            captured["g"] = torch.cat([p.grad.flatten().clone() for p in model.parameters()]).double()
+            captured["g"] = torch.cat([p.grad.flatten().clone() for p in _lm_parameters(model)]).double()
 
     model, sft, contrastive = _tiny_setup(count=8)
     sft = [sft[0]] * 16
@@ -359,7 +364,7 @@ def alpha_share(impl: str, tmp: str) -> tuple[float, float, float]:
     def gradient(loss):
         model.zero_grad(set_to_none=False)
         loss.backward()
-        return torch.cat([p.grad.flatten().clone() for p in model.parameters()]).double()
+        return torch.cat([p.grad.flatten().clone() for p in _lm_parameters(model)]).double()
 
     ids = torch.tensor([sft[0]["input_ids"]])
     g_sft = gradient(model(input_ids=ids, labels=ids).loss)
@@ -371,8 +376,8 @@ def alpha_share(impl: str, tmp: str) -> tuple[float, float, float]:
         contrastive_loss = trainer.craft_loss(anchors, positives, rows["attention_mask"], rows["attention_mask_tgt"])
     else:
         modules = trainer.craft_modules
-        contrastive_loss = modules.infonce(modules.embed(anchors, rows["attention_mask"]),
-                                           modules.embed(positives, rows["attention_mask_tgt"]))
+        contrastive_loss = modules.infonce(modules.project(modules.pool(anchors, rows["attention_mask"])),
+                                           modules.project(modules.pool(positives, rows["attention_mask_tgt"])))
     g_con = gradient(contrastive_loss)
     basis = torch.stack([g_sft, g_con], dim=1)
     a, b = torch.linalg.lstsq(basis, captured["g"][:, None]).solution.flatten().tolist()
