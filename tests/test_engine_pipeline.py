@@ -8,7 +8,8 @@ from test_engine_fixtures import write_model
 
 from craft.engine.config import TrainConfig
 from craft.engine.model import load_stage
-from craft.engine.pipeline import AuxLossMeter, causal_lm_loss, sequential_forward
+from craft.engine.loss import causal_lm_loss
+from craft.engine.pipeline import AuxLossMeter, sequential_logits, sequential_loss
 from craft.testing import FAMILIES
 
 
@@ -25,6 +26,11 @@ def hf_model(model_dir):
     return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
 
 
+def logits_loss(logits, labels):
+    """The plain token-mean next-token loss of given logits (B, S, V)."""
+    return causal_lm_loss(logits, labels, lambda x: x, chunk_size=0)
+
+
 def token_batch(seed=0, batch=2, length=24):
     return torch.randint(4, 384, (batch, length), generator=torch.Generator().manual_seed(seed))
 
@@ -35,7 +41,7 @@ def test_forward_equals_hf_for_every_family(tmp_path, family):
     stage = load_stage(make_config(model_dir, full_fine_tune=True, lora_rank=None), 0, 1)
     ids = token_batch()
     with torch.no_grad():
-        ours, reference = sequential_forward(stage, ids), hf_model(model_dir)(ids).logits
+        ours, reference = sequential_logits(stage, ids), hf_model(model_dir)(ids).logits
     assert reference.abs().max() > 0.1
     torch.testing.assert_close(ours, reference, atol=1e-5, rtol=1e-5)
 
@@ -48,7 +54,7 @@ def test_sharded_checkpoint_and_stage_loading(tmp_path):
     assert (model_dir / "model.safetensors.index.json").is_file()
     config = make_config(model_dir, full_fine_tune=True, lora_rank=None)
     with torch.no_grad():
-        ours = sequential_forward(load_stage(config, 0, 1), token_batch())
+        ours = sequential_logits(load_stage(config, 0, 1), token_batch())
         torch.testing.assert_close(ours, hf_model(model_dir)(token_batch()).logits, atol=1e-5, rtol=1e-5)
     # Two stages over [embed, layer0, layer1, head]: stage 0 reads only the embedding and layer 0.
     first, second = load_stage(config, 0, 2), load_stage(config, 1, 2)
@@ -74,7 +80,7 @@ def test_4bit_layers_are_quantized(tmp_path):
     q_proj = stage.base.model.layers[0].self_attn.q_proj
     assert isinstance(q_proj.base_layer, bnb.nn.Linear4bit) and q_proj.base_layer.weight.dtype == torch.uint8
     with torch.no_grad():
-        ours, reference = sequential_forward(stage, token_batch()), hf_model(model_dir)(token_batch()).logits
+        ours, reference = sequential_logits(stage, token_batch()), hf_model(model_dir)(token_batch()).logits
     relative = (ours - reference).norm() / reference.norm()
     assert 0 < relative < 0.3  # NF4 rounding error, not a different model
 
@@ -107,15 +113,15 @@ def test_control_adapter_forward_and_aux_gradient_match_single_model(tmp_path, f
     labels = ids.clone()
     meter = AuxLossMeter(scale=1.0, num_adapters=stage.num_layers)
     stage.base.train()
-    ours = causal_lm_loss(sequential_forward(stage, ids, classes, aux_meter=meter), labels)
+    ours = sequential_loss(stage, ids, labels, classes, aux_meter=meter)
     ours.backward()
 
     out = reference(ids, control_classes=classes)  # the model's routing hook hands classes to every adapter
     aux = control_aux_loss(reference)
     assert aux > 1e-4
-    (causal_lm_loss(out.logits, labels) + aux).backward()
+    (logits_loss(out.logits, labels) + aux).backward()
 
-    torch.testing.assert_close(ours, causal_lm_loss(out.logits, labels), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ours, logits_loss(out.logits, labels), atol=1e-5, rtol=1e-5)
     assert meter.pop() == pytest.approx(float(aux), rel=1e-5)
     for a, b in zip(control_adapters(stage.base), control_adapters(reference)):
         torch.testing.assert_close(a.A.grad, b.A.grad, atol=1e-6, rtol=1e-4)
@@ -135,7 +141,7 @@ def test_qlora_gradients_equal_those_of_the_dequantized_model(tmp_path):
 
     def lora_grads():
         stage.model.zero_grad()
-        causal_lm_loss(sequential_forward(stage, ids), ids).backward()
+        sequential_loss(stage, ids, ids).backward()
         return {n: p.grad.clone() for n, p in stage.model.named_parameters() if p.requires_grad}
 
     quantized = lora_grads()

@@ -16,6 +16,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from craft.engine.loss import DEFAULT_CHUNK_SIZE
 from craft.errors import UserError
 
 
@@ -35,7 +36,10 @@ class TrainConfig(BaseModel):
 
     Keys beyond the seed: the Control Adapter options (`control_adapter_*`, `control_inverse`,
     `control_neumann_order`), `lr_scheduler`/`warmup_steps`, `seed`, `model_dtype`, `micro_batch_size`, and
-    `max_steps` (a cap on optimizer steps, for smoke runs).
+    `max_steps` (a cap on optimizer steps, for smoke runs), and the memory keys `activation_checkpointing`
+    (true: every decoder layer recomputed in backward; "offload": its saved input also kept in CPU memory;
+    false: all activations kept) and `chunk_size` (tokens per chunk of the loss, whose logits are recomputed in
+    backward; 0 = the full logits at once); see `craft.engine.pipeline` and `craft.engine.loss`.
     """
 
     model_config = ConfigDict(extra="forbid", strict=True)
@@ -78,6 +82,8 @@ class TrainConfig(BaseModel):
     seed: int = 42
     model_dtype: Literal["bfloat16", "float32"] = "bfloat16"
     max_steps: int | None = Field(default=None, gt=0)
+    activation_checkpointing: bool | Literal["offload"] = True
+    chunk_size: int = Field(default=DEFAULT_CHUNK_SIZE, ge=0)
     datasets: list[DatasetConfig] = Field(min_length=1)
 
     @field_validator("lr", "beta1", "beta2", "eps", "lora_alpha", "lora_dropout", "lora_weight_decay",
@@ -87,6 +93,13 @@ class TrainConfig(BaseModel):
     def _int_is_a_float(cls, value):
         # TOML writes `lr = 1` as an integer; a float key accepts it (but not a string or a bool).
         return float(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+    @field_validator("activation_checkpointing", mode="before")
+    @classmethod
+    def _checkpointing_mode(cls, value):
+        if isinstance(value, bool) or value == "offload":
+            return value
+        raise ValueError(f'expected true, false or "offload", got {value!r}')
 
     @field_validator("layers_to_transform")
     @classmethod

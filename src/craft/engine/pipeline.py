@@ -12,18 +12,30 @@ Per item:
   the HF model would build for this layer (sliding window where the config's `layer_types[i]` or
   `sliding_window` says so), the layer's own forward; with Control Adapters the layer first receives the
   micro-batch's classes and its auxiliary (class-0) loss is attached to the output with `AttachAuxLoss`;
-* head — final norm, `lm_head`, then Cohere's `logit_scale` or Gemma 2's final logit softcapping
-  `cap * tanh(logits / cap)`, returning logits (batch, seq, vocab);
-* loss — token-mean cross entropy of `logits[:, :-1]` against `labels[:, 1:]` in float32, ignoring -100:
-  the loss of HF's `ForCausalLMLoss`.
+* head — the final norm, returning normed hidden states (batch, seq, hidden); `HeadPipe.logits` applies
+  `lm_head`, then Cohere's `logit_scale` or Gemma 2's final logit softcapping `cap * tanh(logits / cap)`;
+* loss — `craft.engine.loss.causal_lm_loss`: token-mean next-token cross entropy in float32, ignoring -100 (HF's
+  `ForCausalLMLoss`), over chunks of `chunk_size` tokens whose logits are recomputed in backward (0 = all at once).
+
+Activation checkpointing (`checkpointing`): True runs each decoder layer under `torch.utils.checkpoint`
+(non-reentrant), so a layer keeps only its inputs `(hidden, classes, mask)` and recomputes the rest in backward;
+"offload" also moves those saved inputs to CPU memory (`torch.autograd.graph.save_on_cpu`: pinned and
+non-blocking on CUDA, a plain copy on CPU) and brings them back for the recompute. Everything a layer needs is
+an input of the checkpointed function — the classes are set on the adapters inside it, so a recompute that runs
+after other micro-batches' forwards still sees its own — and the default RNG replay gives dropout the same masks.
+The aux loss is an output of the checkpointed function: it is counted (and attached) once, outside, and the
+recompute's copy is dropped.
 """
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
-from torch import nn
+import contextlib
 
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from craft.engine.loss import DEFAULT_CHUNK_SIZE, causal_lm_loss
 from craft.engine.model import StageModel
 
 
@@ -86,7 +98,8 @@ class EmbeddingPipe(nn.Module):
 
 
 class DecoderLayerPipe(nn.Module):
-    def __init__(self, stage: StageModel, layer_index: int, aux_meter: AuxLossMeter | None):
+    def __init__(self, stage: StageModel, layer_index: int, aux_meter: AuxLossMeter | None,
+                 checkpointing: bool | str = False):
         super().__init__()
         self.layer = stage.base.model.layers[layer_index]
         self.layer_index = layer_index
@@ -98,9 +111,24 @@ class DecoderLayerPipe(nn.Module):
         self.rotary_cache = stage.rotary_cache
         self.control = stage.mode == "control"
         self.aux_meter = aux_meter
+        self.checkpointing = checkpointing
 
     def forward(self, inputs):
         hidden, control_classes, attention_mask = inputs
+        if self.checkpointing and self.training and torch.is_grad_enabled():
+            offload = torch.autograd.graph.save_on_cpu(pin_memory=True) if self.checkpointing == "offload" \
+                else contextlib.nullcontext()
+            with offload:
+                out, aux = checkpoint(self._layer, hidden, control_classes, attention_mask, use_reentrant=False)
+        else:
+            out, aux = self._layer(hidden, control_classes, attention_mask)
+        if aux is not None:
+            self.aux_meter.total += float(aux.detach())
+            out = AttachAuxLoss.apply(out, aux, self.aux_meter.scale)
+        return out, control_classes, attention_mask
+
+    def _layer(self, hidden, control_classes, attention_mask):
+        """The decoder layer on (B, S, H): (output (B, S, H), this layer's aux loss or None)."""
         batch, seq = hidden.shape[:2]
         position_ids = torch.arange(seq, device=hidden.device).unsqueeze(0).expand(batch, -1)
         mask = causal_mask_for(self.hf_config, self.layer_index, hidden, position_ids)
@@ -113,9 +141,10 @@ class DecoderLayerPipe(nn.Module):
                          position_embeddings=position_embeddings, use_cache=False)
         if isinstance(out, tuple):
             out = out[0]
+        aux = None
         if self.control and self.aux_meter is not None and self.training:
-            out = self._attach_aux(out)
-        return out, control_classes, attention_mask
+            aux = self._aux_loss()
+        return out, aux
 
     def _rotary(self, hidden, position_ids):
         key = (tuple(position_ids.shape), hidden.dtype, hidden.device)
@@ -124,27 +153,43 @@ class DecoderLayerPipe(nn.Module):
                 self.rotary_cache[key] = self.rotary(hidden, position_ids)
         return self.rotary_cache[key]
 
-    def _attach_aux(self, out):
+    def _aux_loss(self):
+        """This layer's share of the model's aux loss, or None when it has no gradient (no neutral token)."""
         from craft.adapters import control_aux_loss
 
         aux = control_aux_loss(self.layer, reduction="sum") / self.aux_meter.num_adapters
-        if not aux.requires_grad:
-            return out
-        self.aux_meter.total += float(aux.detach())
-        return AttachAuxLoss.apply(out, aux, self.aux_meter.scale)
+        return aux if aux.requires_grad else None
+
+
+class HeadLoss:
+    """The pipeline's `loss_fn(normed_hidden, labels)`: `causal_lm_loss` through `head.logits`, chunked.
+
+    A plain object, not a module: the head's parameters belong to the `HeadPipe` item that owns them.
+    """
+
+    def __init__(self, chunk_size: int = DEFAULT_CHUNK_SIZE):
+        self.head, self.chunk_size = None, chunk_size
+
+    def __call__(self, normed: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return causal_lm_loss(normed, labels, self.head.logits, self.chunk_size)
 
 
 class HeadPipe(nn.Module):
-    def __init__(self, stage: StageModel):
+    def __init__(self, stage: StageModel, loss: HeadLoss | None = None):
         super().__init__()
+        if loss is not None:
+            loss.head = self  # the loss runs through this head's lm_head; built on the last stage only
         self.norm = stage.base.model.norm
         self.lm_head = stage.base.lm_head
         self.logit_scale = getattr(stage.hf_config, "logit_scale", None)
         self.softcap = getattr(stage.hf_config, "final_logit_softcapping", None)
 
     def forward(self, inputs):
-        hidden = inputs[0]
-        logits = self.lm_head(self.norm(hidden))
+        return self.norm(inputs[0])
+
+    def logits(self, normed: torch.Tensor) -> torch.Tensor:
+        """(..., H) normed hidden states -> (..., V) logits in the model dtype."""
+        logits = self.lm_head(normed)
         if self.logit_scale is not None:
             logits = logits * self.logit_scale
         if self.softcap is not None:
@@ -152,39 +197,62 @@ class HeadPipe(nn.Module):
         return logits
 
 
-def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean NLL of next-token prediction: logits[:, t] scores labels[:, t+1]; -100 labels are ignored."""
-    vocab = logits.shape[-1]
-    return F.cross_entropy(logits[:, :-1].float().reshape(-1, vocab), labels[:, 1:].reshape(-1), ignore_index=-100)
-
-
-def pipeline_items(stage: StageModel, aux_meter: AuxLossMeter | None) -> list:
+def pipeline_items(stage: StageModel, aux_meter: AuxLossMeter | None, loss: HeadLoss | None = None,
+                   checkpointing: bool | str = False) -> list:
     """All N + 2 items as DeepSpeed `LayerSpec`s (only this stage's are ever built), in pipeline order."""
     from deepspeed.pipe import LayerSpec
 
     items = [LayerSpec(EmbeddingPipe, stage)]
-    items += [LayerSpec(DecoderLayerPipe, stage, i, aux_meter) for i in range(stage.num_layers)]
-    items.append(LayerSpec(HeadPipe, stage))
+    items += [LayerSpec(DecoderLayerPipe, stage, i, aux_meter, checkpointing) for i in range(stage.num_layers)]
+    items.append(LayerSpec(HeadPipe, stage, loss))
     return items
 
 
 def build_pipeline_module(stage: StageModel, num_stages: int, topology=None, aux_meter: AuxLossMeter | None = None,
-                          seed: int = 42):
-    """A `PipelineModule` over the model's items, partitioned as `pipeline_parts` (uniform) says."""
+                          seed: int = 42, checkpointing: bool | str = True, chunk_size: int = DEFAULT_CHUNK_SIZE):
+    """A `PipelineModule` over the model's items, partitioned as `pipeline_parts` (uniform) says.
+
+    Checkpointing is done per decoder layer by `DecoderLayerPipe` (DeepSpeed's own `activation_checkpoint_interval`
+    stays 0: it would checkpoint whole runs of items with the reentrant function and could not offload)."""
     from deepspeed.pipe import PipelineModule
 
+    loss = HeadLoss(chunk_size)
     kwargs = {"topology": topology} if topology is not None else {"num_stages": num_stages}
-    return PipelineModule(layers=pipeline_items(stage, aux_meter), loss_fn=causal_lm_loss,
+    return PipelineModule(layers=pipeline_items(stage, aux_meter, loss, checkpointing), loss_fn=loss,
                           partition_method="uniform", base_seed=seed, activation_checkpoint_interval=0, **kwargs)
 
 
+def stage_items(stage: StageModel, aux_meter: AuxLossMeter | None = None, checkpointing: bool | str = False):
+    """(embedding, decoder layers..., head) built in one process (the stage must own all items), for tests and
+    benchmarks that run the pipeline's items without DeepSpeed."""
+    layers = [DecoderLayerPipe(stage, i, aux_meter, checkpointing) for i in range(stage.num_layers)]
+    return EmbeddingPipe(stage), layers, HeadPipe(stage)
+
+
 def sequential_forward(stage: StageModel, input_ids: torch.Tensor, control_classes: torch.Tensor | None = None,
-                       aux_meter: AuxLossMeter | None = None):
-    """Run every item in one process (the stage must own all items): logits, for testing against HF."""
+                       aux_meter: AuxLossMeter | None = None, checkpointing: bool | str = False):
+    """Run every item in one process: normed hidden states (B, S, H) and the head (for `head.logits`)."""
     if control_classes is None:
         control_classes = torch.ones_like(input_ids)
-    items = [EmbeddingPipe(stage)] + [DecoderLayerPipe(stage, i, aux_meter) for i in range(stage.num_layers)]
-    activations = (input_ids, control_classes, torch.ones_like(input_ids))
-    for item in items:
-        activations = item(activations)
-    return HeadPipe(stage)(activations)
+    embedding, layers, head = stage_items(stage, aux_meter, checkpointing)
+    for item in (embedding, *layers):
+        item.train(stage.base.training)
+    activations = embedding((input_ids, control_classes, torch.ones_like(input_ids)))
+    for layer in layers:
+        activations = layer(activations)
+    return head(activations), head
+
+
+def sequential_logits(stage: StageModel, input_ids: torch.Tensor, control_classes: torch.Tensor | None = None,
+                      aux_meter: AuxLossMeter | None = None) -> torch.Tensor:
+    """Logits (B, S, V) of every item run in one process, for testing against HF."""
+    normed, head = sequential_forward(stage, input_ids, control_classes, aux_meter)
+    return head.logits(normed)
+
+
+def sequential_loss(stage: StageModel, input_ids: torch.Tensor, labels: torch.Tensor,
+                    control_classes: torch.Tensor | None = None, aux_meter: AuxLossMeter | None = None,
+                    checkpointing: bool | str = False, chunk_size: int = 0) -> torch.Tensor:
+    """The pipeline's training loss of one micro-batch, every item run in one process."""
+    normed, head = sequential_forward(stage, input_ids, control_classes, aux_meter, checkpointing)
+    return causal_lm_loss(normed, labels, head.logits, chunk_size)

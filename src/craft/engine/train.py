@@ -268,7 +268,8 @@ class TrainingRun:
         self.stage = load_stage(config, stage_index, config.pipeline_stages)
         num_adapters = len(config.layer_indices(self.stage.num_layers) or range(self.stage.num_layers))
         self.meter = AuxLossMeter(1.0 / config.gradient_accumulation_steps, num_adapters)
-        self.module = build_pipeline_module(self.stage, config.pipeline_stages, topology, self.meter, config.seed)
+        self.module = build_pipeline_module(self.stage, config.pipeline_stages, topology, self.meter, config.seed,
+                                            config.activation_checkpointing, config.chunk_size)
         optimizer = _optimizer([p for p in self.module.parameters() if p.requires_grad], config)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=self.module, optimizer=optimizer,
                                                                  config=_deepspeed_config(config))
