@@ -128,8 +128,11 @@ def test_control_adapter_forward_and_aux_gradient_match_single_model(tmp_path, f
         torch.testing.assert_close(a.B.grad, b.B.grad, atol=1e-6, rtol=1e-4)
 
 
-def test_qlora_gradients_equal_those_of_the_dequantized_model(tmp_path):
-    """Backward through NF4 layers: LoRA gradients equal those with the dequantized weights in float Linears."""
+@pytest.mark.parametrize("eval_first", [False, True])
+def test_qlora_gradients_equal_those_of_the_dequantized_model(tmp_path, eval_first):
+    """Backward through NF4 layers: LoRA gradients equal those with the dequantized weights in float Linears —
+    also after an eval pass (eval mode, no grad), which on AVX512-BF16 CPUs made bitsandbytes repack the weights
+    into an inference layout whose kernel has no autograd."""
     import bitsandbytes as bnb
 
     model_dir = write_model(tmp_path / "llama")
@@ -138,6 +141,14 @@ def test_qlora_gradients_equal_those_of_the_dequantized_model(tmp_path):
         if "lora_B" in name:
             torch.nn.init.normal_(param, std=0.1)
     ids = token_batch(batch=1)
+    if eval_first:
+        stage.model.eval()
+        with torch.no_grad():
+            sequential_forward(stage, ids)
+        stage.model.train()
+        packed = [m for m in stage.model.modules() if isinstance(m, bnb.nn.Linear4bit)
+                  and getattr(m.weight.quant_state, "packing_format_for_cpu", False)]
+        assert not packed
 
     def lora_grads():
         stage.model.zero_grad()

@@ -12,6 +12,7 @@ import torch
 from test_engine_fixtures import REPO, basic_setup, losses_of, only_run, run_craft
 
 from craft.cli import main
+from craft.engine.checkpoint import read_rank_state
 from craft.engine.config import TrainConfig
 from craft.engine.train import eval_schedule, lr_at
 
@@ -25,7 +26,7 @@ def train_in_process(config: Path, *overrides: str) -> int:
 
 def last_checkpoint_tensors(run_dir: Path, rank: int = 0) -> dict[str, torch.Tensor]:
     newest = sorted((run_dir / "checkpoints").glob("step*"))[-1]
-    return torch.load(newest / f"rank{rank:05d}.pt", weights_only=False)["model"]
+    return read_rank_state(newest, rank)["model"]
 
 
 def hf_name(pipeline_name: str, num_layers: int) -> str:
@@ -183,6 +184,8 @@ def test_sigkill_then_resume_reproduces_the_uninterrupted_run(tmp_path):
 
     reference, resumed = losses_of(reference_dir), losses_of(run_dir)
     assert sorted(resumed) == sorted(reference) == list(range(1, 8))
+    steps_logged = [json.loads(line)["step"] for line in (run_dir / "losses.jsonl").read_text().splitlines()]
+    assert steps_logged == list(range(1, 8))  # replayed steps are logged once
     for step in reference:
         assert resumed[step] == pytest.approx(reference[step], rel=1e-6), step
     final, expected = last_checkpoint_tensors(run_dir), last_checkpoint_tensors(reference_dir)
@@ -258,7 +261,7 @@ def test_bfloat16_base_with_kahan_summation_trains(tmp_path):
     run_dir = only_run(tmp_path / "out")
     losses = losses_of(run_dir)
     assert sorted(losses) == [1, 2, 3] and all(math.isfinite(v) for v in losses.values())
-    state = torch.load(sorted((run_dir / "checkpoints").glob("step*"))[-1] / "rank00000.pt", weights_only=False)
+    state = read_rank_state(sorted((run_dir / "checkpoints").glob("step*"))[-1], 0)
     assert all(t.dtype == torch.bfloat16 for t in state["model"].values())
     optimizer_state = state["optimizer"]["state"]
     assert optimizer_state and all(s["kahan_comp"] is not None for s in optimizer_state.values())

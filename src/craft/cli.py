@@ -1,16 +1,24 @@
 """The `craft` command: one entry point, subcommands routed to the module that implements each.
 
 Each subcommand module exposes `add_arguments(parser)` and `run(args) -> int`. A `UserError` anywhere becomes one
-line on stderr and exit status 2; nothing else is caught, so real bugs keep their traceback.
+line on stderr and exit status 2; nothing else is caught, so real bugs keep their traceback. In a multi-process
+launch (`torchrun`, `deepspeed`: the environment has RANK) every process exits with status 2 but only rank 0
+prints the line: the engine makes all ranks fail with the same error (see `craft.engine.distributed`).
+
+`--verbose` (any subcommand) lets third-party libraries print their informational output (`craft.quiet`).
+The `deepspeed` launcher inserts `--local_rank=N` before the subcommand; it is dropped (LOCAL_RANK is read from
+the environment, which the launcher also sets).
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from craft.errors import UserError
+from craft.quiet import silence_loggers
 
 # subcommand -> (module, one-line help). Modules are imported only when their subcommand runs.
 SUBCOMMANDS = {
@@ -26,20 +34,44 @@ def _load(module_name: str):
     return importlib.import_module(module_name)
 
 
+def _drop_local_rank(argv: list[str]) -> list[str]:
+    """argv without the launcher's `--local_rank=N` / `--local_rank N`."""
+    out, skip = [], False
+    for index, arg in enumerate(argv):
+        if skip:
+            skip = False
+        elif arg.startswith("--local_rank="):
+            continue
+        elif arg == "--local_rank" and index + 1 < len(argv) and argv[index + 1].isdigit():
+            skip = True
+        else:
+            out.append(arg)
+    return out
+
+
+def is_rank_zero() -> bool:
+    """True unless this process is a non-zero rank of a multi-process launch."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    argv = _drop_local_rank(sys.argv[1:] if argv is None else list(argv))
+    silence_loggers(verbose="--verbose" in argv)
     parser = argparse.ArgumentParser(prog="craft", description="contrastive and steering fine-tuning")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     chosen = argv[0] if argv else None
     for name, (module_name, help_text) in SUBCOMMANDS.items():
         sub_parser = sub.add_parser(name, help=help_text, description=help_text)
+        sub_parser.add_argument("--verbose", action="store_true",
+                                help="show the informational output of third-party libraries")
         if name == chosen:
             _load(module_name).add_arguments(sub_parser)
     args = parser.parse_args(argv)
     try:
         return int(_load(SUBCOMMANDS[args.command][0]).run(args) or 0)
     except UserError as err:
-        print(f"craft {args.command}: error: {err}", file=sys.stderr)
+        if is_rank_zero():
+            print(f"craft {args.command}: error: {err}", file=sys.stderr)
         return UserError.exit_code
 
 

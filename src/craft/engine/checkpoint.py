@@ -1,9 +1,17 @@
 """Training checkpoints: atomic, pruned to `max_checkpoints`, and complete enough to resume bit-for-bit.
 
 Layout under the run directory `output_dir/<run>/`:
-  checkpoints/step000012/rank00000.pt   one file per process: trainable tensors of its stage, optimizer state,
-                                         RNG states (torch, python, numpy)
-  checkpoints/step000012/meta.json      global state: step, epoch, step within the epoch, tokens, world layout
+  checkpoints/step000012/rank00000.safetensors  per process: every tensor of its state (trainable parameters of
+                                                 its stage, optimizer state, torch RNG state)
+  checkpoints/step000012/rank00000.json         per process: the rest of that state (optimizer hyper-parameters
+                                                 and scalars, python and numpy RNG states), tensors referenced by name
+  checkpoints/step000012/meta.json              global state: step, epoch, step within the epoch, tokens, layout
+
+No pickle anywhere: a checkpoint directory someone hands to `--resume_from_checkpoint` is data, never code. A
+directory holding a pickle file (`*.pt`, `*.pkl`, `*.bin`, as older checkpoints did) is refused without opening
+it, and a damaged file is a one-line error. On load, the saved parameters must match the run's trainable
+parameters by name and shape (resuming with another `lora_rank`, adapter kind or target list is an error naming
+the tensor).
 Writing goes to `checkpoints/.tmp-step000012/`; every rank fsyncs its file, all ranks meet at a barrier, then
 rank 0 writes meta.json, fsyncs, renames the directory to its final name (atomic on POSIX) and prunes the oldest
 complete checkpoints beyond `max_checkpoints`. A crash at any point leaves either the previous checkpoints only
@@ -25,6 +33,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 
 from craft.engine.distributed import barrier
 from craft.errors import UserError
@@ -60,6 +70,43 @@ def trainable_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {name: p.detach().clone() for name, p in module.named_parameters() if p.requires_grad}
 
 
+_PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".pickle", ".bin", ".ckpt")
+
+
+def encode_state(obj, name: str, tensors: dict[str, torch.Tensor]):
+    """A JSON-able copy of `obj` (nested dicts / lists / tuples of tensors, numpy arrays, numbers, strings, None)
+    whose tensors are moved into `tensors` under path-like names and referenced as `{"tensor": name}`."""
+    if isinstance(obj, torch.Tensor):
+        tensors[name] = obj.detach().cpu().clone().contiguous()
+        return {"tensor": name}
+    if isinstance(obj, np.ndarray):
+        return {"ndarray": obj.tolist(), "dtype": str(obj.dtype)}
+    if isinstance(obj, dict):  # keys keep their type (optimizer state is keyed by int)
+        return {"dict": [[key, encode_state(value, f"{name}.{key}", tensors)] for key, value in obj.items()]}
+    if isinstance(obj, tuple):
+        return {"tuple": [encode_state(v, f"{name}.{i}", tensors) for i, v in enumerate(obj)]}
+    if isinstance(obj, list):
+        return [encode_state(v, f"{name}.{i}", tensors) for i, v in enumerate(obj)]
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise TypeError(f"checkpoint state {name}: cannot store a {type(obj).__name__} without pickle")
+
+
+def decode_state(obj, tensors: dict[str, torch.Tensor]):
+    """The inverse of `encode_state`."""
+    if isinstance(obj, list):
+        return [decode_state(v, tensors) for v in obj]
+    if not isinstance(obj, dict):
+        return obj
+    if "tensor" in obj:
+        return tensors[obj["tensor"]]
+    if "ndarray" in obj:
+        return np.array(obj["ndarray"], dtype=obj["dtype"])
+    if "tuple" in obj:
+        return tuple(decode_state(v, tensors) for v in obj["tuple"])
+    return {key: decode_state(value, tensors) for key, value in obj["dict"]}
+
+
 def save_checkpoint(run_dir: Path, step: int, rank: int, module, optimizer, meta: dict, max_checkpoints: int) -> Path:
     """Collectively write the checkpoint of `step` (see the module docstring); returns its final path."""
     root = run_dir / "checkpoints"
@@ -74,9 +121,13 @@ def save_checkpoint(run_dir: Path, step: int, rank: int, module, optimizer, meta
         "optimizer": optimizer.state_dict(),
         "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()},
     }
-    rank_file = tmp / f"rank{rank:05d}.pt"
-    torch.save(state, rank_file)
-    _fsync_file(rank_file)
+    tensors: dict[str, torch.Tensor] = {}
+    encoded = encode_state(state, "state", tensors)
+    tensor_file, json_file = tmp / f"rank{rank:05d}.safetensors", tmp / f"rank{rank:05d}.json"
+    save_file(tensors, str(tensor_file))
+    json_file.write_text(json.dumps(encoded))
+    for path in (tensor_file, json_file):
+        _fsync_file(path)
     barrier()
     if rank == 0:
         if os.environ.get("CRAFT_KILL_IN_CHECKPOINT") == str(step):
@@ -103,18 +154,64 @@ def remove_partial_checkpoints(run_dir: Path) -> None:
             shutil.rmtree(leftover, ignore_errors=True)
 
 
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"checkpoint file {path} is missing") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UserError(f"checkpoint file {path} is damaged (not JSON: {err})") from None
+
+
 def read_meta(checkpoint: Path) -> dict:
-    return json.loads((checkpoint / "meta.json").read_text())
+    return _read_json(checkpoint / "meta.json")
+
+
+def read_rank_state(checkpoint: Path, rank: int) -> dict:
+    """The state one rank saved (see `save_checkpoint`), read without pickle."""
+    pickles = sorted(p.name for p in checkpoint.iterdir() if p.suffix.lower() in _PICKLE_SUFFIXES)
+    if pickles:
+        raise UserError(f"checkpoint {checkpoint} holds pickle files ({', '.join(pickles)}), which can run code "
+                        f"when loaded; craft checkpoints hold none (safetensors + JSON) and never load one")
+    tensor_file = checkpoint / f"rank{rank:05d}.safetensors"
+    if not tensor_file.is_file():
+        raise UserError(f"checkpoint file {tensor_file} is missing")
+    try:
+        tensors = load_file(str(tensor_file))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise UserError(f"checkpoint file {tensor_file} is damaged ({err})") from None
+    try:
+        return decode_state(_read_json(checkpoint / f"rank{rank:05d}.json"), tensors)
+    except (KeyError, TypeError, ValueError) as err:
+        raise UserError(f"checkpoint file {checkpoint / f'rank{rank:05d}.json'} is damaged ({err!r})") from None
+
+
+def _check_parameters(checkpoint: Path, saved: dict[str, torch.Tensor], params: dict[str, torch.Tensor]) -> None:
+    """The saved trainable tensors must be exactly the run's trainable parameters, with the same shapes."""
+    trainable = {name: p for name, p in params.items() if p.requires_grad}
+    hint = ("resume with the settings it was written with (lora_rank, use_control_adapters, full_fine_tune, "
+            "target_modules, layers_to_transform, control_adapter_type)")
+    missing, unexpected = sorted(set(trainable) - set(saved)), sorted(set(saved) - set(trainable))
+    if missing or unexpected:
+        detail = "; ".join(part for part in (
+            f"{len(missing)} of this run's missing, e.g. '{missing[0]}'" if missing else "",
+            f"{len(unexpected)} unknown to this run, e.g. '{unexpected[0]}'" if unexpected else "") if part)
+        raise UserError(f"checkpoint {checkpoint} does not hold this run's trainable tensors ({detail}); {hint}")
+    for name, tensor in saved.items():
+        if tuple(tensor.shape) != tuple(trainable[name].shape):
+            raise UserError(f"checkpoint {checkpoint}: tensor '{name}' has shape {tuple(tensor.shape)}, this run's "
+                            f"has {tuple(trainable[name].shape)}; {hint}")
 
 
 def load_checkpoint(checkpoint: Path, rank: int, module, optimizer, world_layout: dict) -> dict:
     """Restore this rank's trainable tensors, optimizer state and RNG from `checkpoint`; returns its meta."""
     meta = read_meta(checkpoint)
-    if meta["layout"] != world_layout:
-        raise UserError(f"checkpoint {checkpoint} was written with {meta['layout']}; this run has {world_layout} "
-                        f"(resume with the same number of processes and pipeline_stages)")
-    state = torch.load(checkpoint / f"rank{rank:05d}.pt", weights_only=False)
+    if meta.get("layout") != world_layout:
+        raise UserError(f"checkpoint {checkpoint} was written with {meta.get('layout')}; this run has "
+                        f"{world_layout} (resume with the same number of processes and pipeline_stages)")
+    state = read_rank_state(checkpoint, rank)
     params = dict(module.named_parameters())
+    _check_parameters(checkpoint, state["model"], params)
     with torch.no_grad():
         for name, tensor in state["model"].items():
             params[name].copy_(tensor)

@@ -1,8 +1,7 @@
 """`craft train CONFIG.toml [--set key=value ...] [--resume_from_checkpoint [CHECKPOINT]]`.
 
 One process by itself (a world of one is set up), or many under `torchrun --nproc_per_node N -m craft train ...`
-or the `deepspeed` launcher (which also passes `--local_rank`, accepted and ignored here: LOCAL_RANK is read
-from the environment).
+or `deepspeed --num_gpus N --module craft train ...` (whose `--local_rank=N` argument `craft.cli` drops).
 """
 
 from __future__ import annotations
@@ -17,7 +16,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume_from_checkpoint", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
                         help="resume from the newest checkpoint under output_dir, or from the given directory")
     parser.add_argument("--no_progress", action="store_true", help="no progress bar")
-    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -25,7 +23,8 @@ def run(args: argparse.Namespace) -> int:
     from craft.engine.train import train
 
     config = load_config(args.config, args.overrides)
-    summary = train(config, resume=args.resume_from_checkpoint, show_progress=not args.no_progress)
+    summary = train(config, resume=args.resume_from_checkpoint, show_progress=not args.no_progress,
+                    verbose=args.verbose)
     if summary["rank"] == 0:
         print(format_summary(summary))
     return 0

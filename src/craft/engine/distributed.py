@@ -101,6 +101,22 @@ def broadcast_from_zero(obj):
     return box[0]
 
 
+def agree_on_errors(fn):
+    """Run `fn` on every rank (work that is local to each rank, with no collective inside); if it raises a
+    `UserError` on any rank, every rank raises the lowest failing rank's error, so all ranks fail alike (and
+    rank 0, the one that prints, names the problem even when another rank found it)."""
+    result, error = None, None
+    try:
+        result = fn()
+    except UserError as err:
+        error = str(err)
+    errors = all_gather(error) if dist.is_initialized() and dist.get_world_size() > 1 else [error]
+    first = next((e for e in errors if e is not None), None)
+    if first is not None:
+        raise UserError(first)
+    return result
+
+
 def run_on_zero(fn, rank: int):
     """Run `fn` on rank 0 only; every rank gets its result, or raises the `UserError` it raised (so no rank is
     left waiting at a barrier when rank 0 finds a problem in the user's input)."""

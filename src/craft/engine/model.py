@@ -153,13 +153,23 @@ def _owned_modules(base: nn.Module, items: range, num_layers: int) -> dict[str, 
 
 
 def _quantize_linears(layer: nn.Module, compute_dtype: torch.dtype) -> None:
-    """Replace every `nn.Linear` under `layer` by an NF4 `Linear4bit` holding the same (real) weight."""
+    """Replace every `nn.Linear` under `layer` by an NF4 `Linear4bit` holding the same (real) weight.
+
+    The weights keep bitsandbytes' training layout for good. On a CPU with AVX512-BF16, `Linear4bit.forward` in
+    eval mode with an input that needs no grad (an eval pass) repacks the weight in place into an inference layout
+    (`packing_format_for_cpu`); from then on every forward, training ones included, takes the `gemv_4bit` kernel,
+    which has no autograd: no gradient flows through the frozen base weights to the adapters of earlier layers
+    (LoRA-A gradients were 56-100 % off). Clearing the module's `support_avx512bf16_for_cpu` flag turns that
+    repacking off; eval then dequantizes like training does. (CUDA never repacks: its inference-only `gemv_4bit`
+    is chosen per call, for a single-row input that needs no grad, which a training batch never is.)
+    """
     import bitsandbytes as bnb
 
     for name, child in list(layer.named_children()):
         if type(child) is nn.Linear:
             quantized = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
                                           compute_dtype=compute_dtype, quant_type="nf4")
+            quantized.support_avx512bf16_for_cpu = False  # (versions before the repacking lack the flag: harmless)
             quantized.weight = bnb.nn.Params4bit(child.weight.data, requires_grad=False, quant_type="nf4")
             if child.bias is not None:
                 quantized.bias = nn.Parameter(child.bias.data, requires_grad=False)

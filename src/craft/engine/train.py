@@ -22,11 +22,12 @@ checkpointed.
 
 from __future__ import annotations
 
+import contextlib
 import json
-import logging
 import math
 import os
 import signal
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,12 +38,13 @@ from craft.adapters.regularizers import lowrank_frobenius
 from craft.engine import checkpoint as ckpt
 from craft.engine.config import TrainConfig
 from craft.engine.data import MicroBatches, load_or_build
-from craft.engine.distributed import (all_gather, barrier, broadcast_from_zero, distributed_world, make_topology,
-                                      run_on_zero, stage_and_replica)
+from craft.engine.distributed import (agree_on_errors, all_gather, barrier, broadcast_from_zero, distributed_world,
+                                      make_topology, run_on_zero, stage_and_replica)
 from craft.engine.model import load_stage, read_hf_config
 from craft.engine.outputs import save_epoch_output
 from craft.engine.pipeline import AuxLossMeter, build_pipeline_module
 from craft.errors import UserError
+from craft.quiet import swallow_stdout
 
 
 def warmup_steps_for(config: TrainConfig, total_steps: int) -> int:
@@ -86,12 +88,6 @@ def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def _quiet_deepspeed() -> None:
-    from deepspeed.utils import logger
-
-    logger.setLevel(logging.WARNING)
 
 
 def _find_resume_checkpoint(output_dir: Path, explicit: str) -> Path:
@@ -184,10 +180,22 @@ def _combine(parts: list[dict], replicas: int, accumulation: int) -> dict:
     return out
 
 
+def _drop_records_after(path: Path, step: int) -> None:
+    """Rewrite `path` (JSON lines with a "step") keeping the records of steps <= `step`, atomically."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text(encoding="utf-8").splitlines()
+            if line.strip() and json.loads(line)["step"] <= step]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+    os.replace(tmp, path)
+
+
 class RunLog:
     """Rank 0's outputs: TensorBoard scalars, `losses.jsonl`, the progress bar."""
 
-    def __init__(self, run_dir: Path, enabled: bool, total_steps: int, start_step: int, show_progress: bool):
+    def __init__(self, run_dir: Path, enabled: bool, total_steps: int, start_step: int, show_progress: bool,
+                 resumed: bool = False):
         self.enabled = enabled
         self.writer = self.bar = self.lines = None
         if not enabled:
@@ -195,7 +203,12 @@ class RunLog:
         from torch.utils.tensorboard import SummaryWriter
         from tqdm.auto import tqdm
 
-        self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+        # A resumed run replays the steps after its checkpoint: their records from the interrupted run go, so every
+        # step is logged once (TensorBoard hides events from `purge_step` on; losses.jsonl is cut the same way).
+        purge = start_step + 1 if resumed else None
+        self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=purge)
+        if resumed:
+            _drop_records_after(run_dir / "losses.jsonl", start_step)
         self.lines = open(run_dir / "losses.jsonl", "a", encoding="utf-8")
         self.bar = tqdm(total=total_steps, initial=start_step, disable=not show_progress, unit="step",
                         dynamic_ncols=True)
@@ -232,14 +245,30 @@ def _evaluate(engine, batches: MicroBatches) -> float | None:
     return sum(losses) / len(losses)
 
 
-def train(config: TrainConfig, resume: str | None = None, show_progress: bool = True) -> dict:
+def check_output_dir(output_dir: str) -> None:
+    """`output_dir` must be a directory or creatable as one: no part of the path may be a file."""
+    path = Path(output_dir)
+    for part in (path, *path.parents):
+        if part.exists() and not part.is_dir():
+            what = "is a file" if part == path else f"lies under the file {part}"
+            raise UserError(f"output_dir '{output_dir}' {what}; output_dir must be a directory")
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"output_dir '{output_dir}': {existing} is not writable")
+
+
+def train(config: TrainConfig, resume: str | None = None, show_progress: bool = True, verbose: bool = False) -> dict:
     """Run (or resume) the training described by `config` in this process's place in the world; returns the
-    summary (on every rank). `resume`: None, "latest", or a checkpoint directory."""
+    summary (on every rank). `resume`: None, "latest", or a checkpoint directory. Unless `verbose`, what
+    third-party libraries print while the run is set up is discarded (`craft.quiet`)."""
     hf_config = read_hf_config(config.model_dir, config.sequence_len)  # fail early, before anything is written
     config.layer_indices(hf_config.num_hidden_layers)
-    with distributed_world() as (rank, world):
-        run = TrainingRun(config, rank, world)
-        run.start(resume, show_progress)
+    check_output_dir(config.output_dir)
+    with contextlib.ExitStack() as stack:
+        with swallow_stdout(verbose):
+            rank, world = stack.enter_context(distributed_world())
+            run = TrainingRun(config, rank, world)
+            run.start(resume, show_progress)
         return run.loop()
 
 
@@ -250,7 +279,6 @@ class TrainingRun:
         import deepspeed
         from transformers import AutoTokenizer
 
-        _quiet_deepspeed()
         self.config, self.rank, self.world = config, rank, world
         topology = make_topology(config.pipeline_stages, world, config.use_column_major_topology)
         stage_index, self.replica = stage_and_replica(topology, rank)
@@ -260,12 +288,17 @@ class TrainingRun:
                                           self.replicas, self.replica, config.seed)
         self.eval_batches = MicroBatches(eval_rows, config.micro_batch_size, config.eval_accumulation_steps,
                                          self.replicas, self.replica, config.seed, shuffle=False)
+        if self.rank == 0 and config.evals_per_run > 0 and len(eval_rows) > 0 and self.eval_batches.steps == 0:
+            print(f"craft train: warning: eval is skipped: the {len(eval_rows)} eval sequences fill no eval batch of "
+                  f"micro_batch_size x eval_gradient_accumulation_steps x replicas = "
+                  f"{config.micro_batch_size * config.eval_accumulation_steps * self.replicas}; raise eval_fraction "
+                  f"or lower eval_gradient_accumulation_steps", file=sys.stderr)
         if self.train_batches.steps == 0:
             raise UserError(f"{len(train_rows)} training sequences are too few for one optimizer step of "
                             f"micro_batch_size x gradient_accumulation_steps x replicas = "
                             f"{config.micro_batch_size * config.gradient_accumulation_steps * self.replicas}")
         self.total_steps = min(self.train_batches.steps * config.epochs, config.max_steps or math.inf)
-        self.stage = load_stage(config, stage_index, config.pipeline_stages)
+        self.stage = agree_on_errors(lambda: load_stage(config, stage_index, config.pipeline_stages))
         num_adapters = len(config.layer_indices(self.stage.num_layers) or range(self.stage.num_layers))
         self.meter = AuxLossMeter(1.0 / config.gradient_accumulation_steps, num_adapters)
         self.module = build_pipeline_module(self.stage, config.pipeline_stages, topology, self.meter, config.seed,
@@ -283,26 +316,31 @@ class TrainingRun:
         self.run_dir, resume_from = _run_dir(self.config, resume, self.rank)
         _seed_everything(self.config.seed)  # dropout masks; a resumed run restores the saved generator states
         if resume_from is not None:
-            meta = ckpt.load_checkpoint(resume_from, self.rank, self.module, self.optimizer, self.layout)
+            meta = agree_on_errors(lambda: ckpt.load_checkpoint(resume_from, self.rank, self.module, self.optimizer,
+                                                                 self.layout))
             self.progress = Progress(**{k: meta[k] for k in ("step", "epoch", "step_in_epoch", "tokens")})
         if self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             ckpt.remove_partial_checkpoints(self.run_dir)
             (self.run_dir / "config.json").write_text(self.config.model_dump_json(indent=2))
         barrier()
-        self.log = RunLog(self.run_dir, self.rank == 0, self.total_steps, self.progress.step, show_progress)
-        self.evals = eval_schedule(self.total_steps, self.config.evals_per_run)
+        self.log = RunLog(self.run_dir, self.rank == 0, self.total_steps, self.progress.step, show_progress,
+                          resumed=resume_from is not None)
+        # The eval after step k runs before checkpoint k is written, so a run resumed from step k has done it.
+        start = self.progress.step + (resume_from is not None)
+        self.evals = {s for s in eval_schedule(self.total_steps, self.config.evals_per_run) if s >= start}
         self.output = self.run_dir / f"epoch{max(1, self.progress.epoch)}"  # a resumed, finished run: its last
 
     def loop(self) -> dict:
         """Train to `total_steps`, evaluating, checkpointing and saving epochs on the way; returns the summary."""
         started = last_checkpoint = time.monotonic()
         progress = self.progress
+        self.maybe_evaluate()
         while progress.step < self.total_steps:
             batches = self.train_batches.iterate(progress.epoch, progress.step_in_epoch)
             while progress.step_in_epoch < self.train_batches.steps and progress.step < self.total_steps:
-                self.maybe_evaluate()
                 self.step(batches)
+                self.maybe_evaluate()
                 epoch_done = progress.step_in_epoch == self.train_batches.steps or progress.step == self.total_steps
                 due = time.monotonic() - last_checkpoint >= self.config.checkpoint_interval_hours * 3600
                 if epoch_done:
@@ -314,7 +352,6 @@ class TrainingRun:
                     os.kill(os.getpid(), signal.SIGKILL)
                 if epoch_done:
                     break  # end_epoch() moved the position to the next epoch: it needs a fresh iterator
-        self.maybe_evaluate()
         self.log.close()
         summary = {"run_dir": str(self.run_dir), "steps": progress.step, "tokens": progress.tokens,
                    "seconds": time.monotonic() - started, "final_train_loss": self.last_loss,
