@@ -9,3 +9,9 @@ class UserError(ValueError):
     """A problem with the user's input; the message names the key, file or row at fault."""
 
     exit_code = 2
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message: third-party errors (safetensors, transformers) can span many
+    lines, and a `UserError` that quotes one must stay a single line."""
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]

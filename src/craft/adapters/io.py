@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import UserError
+from ..errors import UserError, first_line
 from .config import ControlAdapterConfig
 from .families import family_of, unwrap_peft
 from .layer import ControlAdapter
@@ -96,7 +96,11 @@ def read_control_adapter(directory) -> tuple[dict, dict[str, torch.Tensor]]:
     if settings.get("adapter_type") != ADAPTER_TYPE:
         raise UserError(f"{str(directory / CONFIG_NAME)!r} has adapter_type {settings.get('adapter_type')!r}, "
                         f"expected {ADAPTER_TYPE!r}")
-    tensors = load_file(str(directory / WEIGHTS_NAME))
+    try:
+        tensors = load_file(str(directory / WEIGHTS_NAME))
+    except Exception as err:  # safetensors' own error type, OSError, ...: the file is unusable
+        raise UserError(f"{str(directory / WEIGHTS_NAME)!r} is not a readable safetensors file "
+                        f"({first_line(err)})") from None
     expected = {_tensor_key(i, n) for i in settings["layers"] for n in _TENSOR_NAMES[settings["type"]]}
     if set(tensors) != expected:
         missing, extra = sorted(expected - set(tensors)), sorted(set(tensors) - expected)

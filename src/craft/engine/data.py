@@ -137,13 +137,25 @@ def _special_ids(tokenizer) -> tuple[int, int, int]:
     return bos, eos, pad
 
 
-def build_rows(config: TrainConfig, tokenizer) -> dict:
-    """Tokenize and pack every dataset of `config`; returns the concatenated column lists."""
+def _check_vocabulary(token_lists: list[list[int]], special: tuple[int, ...], vocab_size: int | None) -> None:
+    """Every token id must index a row of the model's embedding (a tokenizer of another model may exceed it)."""
+    if vocab_size is None:
+        return
+    largest = max([*special, *(max(ids) for ids in token_lists if ids)])
+    if largest >= vocab_size:
+        raise UserError(f"the tokenizer in model_dir gives token id {largest}, but the model's embedding has "
+                        f"vocab_size={vocab_size} rows (config.json): tokenizer and model do not belong together")
+
+
+def build_rows(config: TrainConfig, tokenizer, vocab_size: int | None = None) -> dict:
+    """Tokenize and pack every dataset of `config`; returns the concatenated column lists. With `vocab_size`
+    (the model's embedding rows), a token id beyond it is a `UserError`."""
     bos, eos, pad = _special_ids(tokenizer)
     rows = {name: [] for name in COLUMNS}
     for spec in config.datasets:
         documents = [doc for path in dataset_files(spec) for doc in read_documents(path)]
         token_lists = tokenizer(documents, add_special_tokens=False)["input_ids"]
+        _check_vocabulary(token_lists, (bos, eos, pad), vocab_size)
         packed = pack_dataset([ids + [eos] for ids in token_lists], spec, config.sequence_len, bos, pad)
         if not packed["input_ids"]:
             raise UserError(f"dataset_path '{spec.dataset_path}': no complete sequence of sequence_len="
@@ -153,7 +165,7 @@ def build_rows(config: TrainConfig, tokenizer) -> dict:
     return rows
 
 
-def cache_key(config: TrainConfig, model_dir: Path) -> str:
+def cache_key(config: TrainConfig, model_dir: Path, vocab_size: int | None = None) -> str:
     """A hash of everything the packed rows depend on: files (path, size, mtime), tokenizer files, settings."""
     digest = hashlib.sha256()
     for spec in config.datasets:
@@ -164,7 +176,7 @@ def cache_key(config: TrainConfig, model_dir: Path) -> str:
     for name in sorted(os.listdir(model_dir)):
         if name.startswith("tokenizer") or name in ("special_tokens_map.json", "vocab.json", "merges.txt"):
             digest.update(name.encode() + (model_dir / name).read_bytes())
-    settings = (config.sequence_len, config.eval_fraction, config.seed)
+    settings = (config.sequence_len, config.eval_fraction, config.seed, vocab_size)
     digest.update(repr(settings).encode())
     return digest.hexdigest()[:16]
 
@@ -179,7 +191,7 @@ def split_rows(rows: dict, eval_fraction: float, seed: int):
     return dataset.select(range(n_eval, n)), dataset.select(range(n_eval))
 
 
-def load_or_build(config: TrainConfig, tokenizer, rank: int) -> tuple:
+def load_or_build(config: TrainConfig, tokenizer, rank: int, vocab_size: int | None = None) -> tuple:
     """(train, eval) `datasets.Dataset`s in torch format, read from the cache that rank 0 builds if needed.
 
     Every rank calls this; the others wait for rank 0 and re-raise its `UserError`. The cache directory appears
@@ -192,9 +204,9 @@ def load_or_build(config: TrainConfig, tokenizer, rank: int) -> tuple:
     disable_progress_bars()  # the run has its own progress bar
 
     def build() -> str:
-        cache_dir = Path(config.output_dir) / "dataset_cache" / cache_key(config, Path(config.model_dir))
+        cache_dir = Path(config.output_dir) / "dataset_cache" / cache_key(config, Path(config.model_dir), vocab_size)
         if not cache_dir.exists():
-            train, evals = split_rows(build_rows(config, tokenizer), config.eval_fraction, config.seed)
+            train, evals = split_rows(build_rows(config, tokenizer, vocab_size), config.eval_fraction, config.seed)
             tmp = cache_dir.with_name(cache_dir.name + f".tmp{os.getpid()}")
             shutil.rmtree(tmp, ignore_errors=True)
             train.save_to_disk(str(tmp / "train"))

@@ -24,7 +24,8 @@ from torch import nn
 
 from craft.adapters.families import FamilyFacts, family_of
 from craft.engine.config import TrainConfig
-from craft.errors import UserError
+from craft.errors import UserError, first_line
+from craft.export.checkpoint import safetensors_file
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -76,15 +77,38 @@ def read_hf_config(model_dir: str | Path, sequence_len: int | None = None):
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
         raise UserError(f"model_dir '{model_dir}': no config.json (expected a local Hugging Face model directory)")
-    hf_config = AutoConfig.from_pretrained(model_dir)
+    try:
+        hf_config = AutoConfig.from_pretrained(model_dir)
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise UserError(f"{model_dir / 'config.json'}: not a usable model config ({first_line(err)})") from None
     try:
         family_of(hf_config)
     except ValueError as err:
         raise UserError(f"model_dir '{model_dir}': {err}") from None
+    # Outputs record where their base came from; an absolute path keeps working from any directory.
+    hf_config._name_or_path = str(model_dir.resolve())
     limit = getattr(hf_config, "max_position_embeddings", None)
     if sequence_len is not None and limit is not None and sequence_len > limit:
         raise UserError(f"sequence_len={sequence_len} exceeds the model's max_position_embeddings={limit}")
     return hf_config
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tiktoken.model")
+
+
+def load_tokenizer(model_dir: str | Path):
+    """The tokenizer of `model_dir`; a directory without tokenizer files, or with broken ones, is a `UserError`
+    (transformers would blame missing sentencepiece / tiktoken packages instead)."""
+    from transformers import AutoTokenizer
+
+    model_dir = Path(model_dir)
+    if not any((model_dir / name).is_file() for name in TOKENIZER_FILES):
+        raise UserError(f"model_dir '{model_dir}' has no tokenizer ({', '.join(TOKENIZER_FILES)}); copy the base "
+                        "model's tokenizer files into it")
+    try:
+        return AutoTokenizer.from_pretrained(model_dir)
+    except Exception as err:  # transformers raises many kinds here; all mean "these tokenizer files are unusable"
+        raise UserError(f"model_dir '{model_dir}': cannot load its tokenizer ({first_line(err)})") from None
 
 
 class CheckpointReader:
@@ -93,13 +117,14 @@ class CheckpointReader:
     def __init__(self, model_dir: Path):
         index = model_dir / "model.safetensors.index.json"
         if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise UserError(f"{index}: not a safetensors index (no JSON object with a weight_map)") from None
             self.files = {name: model_dir / file for name, file in weight_map.items()}
         elif (model_dir / "model.safetensors").is_file():
-            from safetensors import safe_open
-
             single = model_dir / "model.safetensors"
-            with safe_open(str(single), framework="pt") as handle:
+            with safetensors_file(single) as handle:
                 self.files = {name: single for name in handle.keys()}
         else:
             raise UserError(f"model_dir '{model_dir}': no model.safetensors or model.safetensors.index.json")
@@ -108,9 +133,7 @@ class CheckpointReader:
         return name in self.files or self._legacy_moe(name) is not None
 
     def _read(self, name: str) -> torch.Tensor:
-        from safetensors import safe_open
-
-        with safe_open(str(self.files[name]), framework="pt") as handle:
+        with safetensors_file(self.files[name]) as handle:
             return handle.get_tensor(name)
 
     def _legacy_moe(self, name: str) -> list[list[str]] | None:
@@ -195,6 +218,9 @@ def _materialize(base: nn.Module, owned: dict[str, nn.Module], reader: Checkpoin
             if not reader.has(key):
                 raise UserError(f"model_dir: tensor '{key}' is missing from the checkpoint")
             tensor = reader.get(key)
+            if tensor.shape != state[name].shape:
+                raise UserError(f"model_dir: tensor '{key}' has shape {tuple(tensor.shape)} in the checkpoint, but "
+                                f"config.json makes it {tuple(state[name].shape)}; config and weights do not match")
             state[name] = tensor.to(dtype) if tensor.is_floating_point() else tensor
         module.load_state_dict(state, strict=True, assign=False)
 
@@ -219,6 +245,19 @@ def linear_module_names(base: nn.Module) -> list[str]:
     kinds = (nn.Linear, bnb.nn.Linear4bit)
     return sorted({name.rsplit(".", 1)[-1] for name, module in base.model.layers.named_modules()
                    if isinstance(module, kinds)})
+
+
+def check_target_modules(base: nn.Module, target_modules: list[str]) -> None:
+    """Every `target_modules` entry must name linear maps of the decoder layers (PEFT matches a module whose
+    qualified name equals the entry or ends with '.' + entry); an entry matching none is a typo, not a no-op."""
+    import bitsandbytes as bnb
+
+    names = [name for name, module in base.model.layers.named_modules()
+             if isinstance(module, (nn.Linear, bnb.nn.Linear4bit))]
+    for target in target_modules:
+        if not any(name == target or name.endswith("." + target) for name in names):
+            raise UserError(f"target_modules: '{target}' matches no linear map of the decoder layers; valid names: "
+                            f"{', '.join(linear_module_names(base))}")
 
 
 def _add_lora(base: nn.Module, config: TrainConfig, layers: list[int] | None, owned_names: list[str]) -> nn.Module:
@@ -289,6 +328,8 @@ def load_stage(config: TrainConfig, stage: int, num_stages: int) -> StageModel:
                         "(the tied matrix would live on two stages)")
     with torch.device("meta"):
         base = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
+    if config.target_modules is not None:
+        check_target_modules(base, config.target_modules)
     if tied and not (0 in items and num_layers + 1 in items):
         base.lm_head.weight = nn.Parameter(torch.empty_like(base.lm_head.weight))  # untie across stages
     owned = _owned_modules(base, items, num_layers)

@@ -3,6 +3,7 @@
 * LoRA — PEFT's `save_pretrained` format (`adapter_config.json`, `adapter_model.safetensors`), loadable with
   `PeftModel.from_pretrained(base, path)`;
 * Control Adapters — `craft.adapters.save_control_adapter` format;
+  both with `base_model.json` (absolute base path, model_type, config.json sha256) for the export tools;
 * full fine-tune — a Hugging Face model directory (config, tokenizer, one safetensors shard per pipeline stage
   plus `model.safetensors.index.json`), loadable with `AutoModelForCausalLM.from_pretrained(path)`.
 
@@ -22,6 +23,7 @@ import torch.distributed as dist
 
 from craft.engine.distributed import barrier, gather_to_zero
 from craft.engine.model import StageModel
+from craft.export.checkpoint import write_base_record
 
 
 def owned_prefixes(stage: StageModel) -> list[str]:
@@ -92,6 +94,7 @@ def _save_adapter(stage: StageModel, tmp: Path, gathered: list[dict]) -> None:
         save_control_adapter(stage.base, tmp)
     else:
         scratch.save_pretrained(str(tmp))
+    write_base_record(tmp, Path(stage.hf_config._name_or_path), stage.hf_config.model_type)
 
 
 def _save_full_shard(stage: StageModel, tmp: Path, replica: int) -> None:

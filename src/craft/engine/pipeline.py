@@ -30,6 +30,8 @@ recompute's copy is dropped.
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 
 import torch
 from torch import nn
@@ -73,6 +75,12 @@ class AuxLossMeter:
         return total
 
 
+@functools.cache
+def _cache_keyword(build) -> str:
+    """transformers renamed the mask builders' `past_key_values` to `cache` (5.2x); the old name warns."""
+    return "cache" if "cache" in inspect.signature(build).parameters else "past_key_values"
+
+
 def causal_mask_for(hf_config, layer_index: int, hidden: torch.Tensor, position_ids: torch.Tensor):
     """The attention mask HF builds for decoder layer `layer_index` (None when the kernel is causal by itself)."""
     from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
@@ -83,8 +91,8 @@ def causal_mask_for(hf_config, layer_index: int, hidden: torch.Tensor, position_
     else:
         sliding = getattr(hf_config, "sliding_window", None) is not None
     build = create_sliding_window_causal_mask if sliding else create_causal_mask
-    return build(config=hf_config, inputs_embeds=hidden, attention_mask=None, past_key_values=None,
-                 position_ids=position_ids)
+    return build(config=hf_config, inputs_embeds=hidden, attention_mask=None, position_ids=position_ids,
+                 **{_cache_keyword(build): None})
 
 
 class EmbeddingPipe(nn.Module):

@@ -40,7 +40,7 @@ from craft.engine.config import TrainConfig
 from craft.engine.data import MicroBatches, load_or_build
 from craft.engine.distributed import (agree_on_errors, all_gather, barrier, broadcast_from_zero, distributed_world,
                                       make_topology, run_on_zero, stage_and_replica)
-from craft.engine.model import load_stage, read_hf_config
+from craft.engine.model import load_stage, load_tokenizer, read_hf_config
 from craft.engine.outputs import save_epoch_output
 from craft.engine.pipeline import AuxLossMeter, build_pipeline_module
 from craft.errors import UserError
@@ -277,13 +277,13 @@ class TrainingRun:
 
     def __init__(self, config: TrainConfig, rank: int, world: int):
         import deepspeed
-        from transformers import AutoTokenizer
 
         self.config, self.rank, self.world = config, rank, world
         topology = make_topology(config.pipeline_stages, world, config.use_column_major_topology)
         stage_index, self.replica = stage_and_replica(topology, rank)
         self.replicas = world // config.pipeline_stages
-        train_rows, eval_rows = load_or_build(config, AutoTokenizer.from_pretrained(config.model_dir), rank)
+        hf_config = read_hf_config(config.model_dir, config.sequence_len)
+        train_rows, eval_rows = load_or_build(config, load_tokenizer(config.model_dir), rank, hf_config.vocab_size)
         self.train_batches = MicroBatches(train_rows, config.micro_batch_size, config.gradient_accumulation_steps,
                                           self.replicas, self.replica, config.seed)
         self.eval_batches = MicroBatches(eval_rows, config.micro_batch_size, config.eval_accumulation_steps,

@@ -8,9 +8,12 @@ every tensor of a file into a `bytes` copy, which would double the peak memory o
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import re
 import struct
+import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +22,7 @@ import torch
 from safetensors import safe_open
 
 from craft.adapters.families import FAMILIES, FamilyFacts
-from craft.errors import UserError
+from craft.errors import UserError, first_line
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -32,14 +35,50 @@ _DTYPE_NAMES = {
 }
 
 
+BASE_RECORD = "base_model.json"
+
+
+@contextlib.contextmanager
+def safetensors_file(path: Path):
+    """`safe_open(path)` whose failures — missing, truncated or garbage file, damaged tensor data — are one-line
+    `UserError`s naming the file (safetensors raises its own error type, OSError or ValueError)."""
+    try:
+        handle = safe_open(str(path), framework="pt")
+    except Exception as err:
+        raise UserError(f"{path}: not a readable safetensors file ({first_line(err)})") from None
+    with handle:
+        try:
+            yield handle
+        except UserError:
+            raise
+        except Exception as err:
+            raise UserError(f"{path}: damaged safetensors data ({first_line(err)})") from None
+
+
+def config_sha256(model_dir: Path) -> str:
+    return hashlib.sha256((Path(model_dir) / "config.json").read_bytes()).hexdigest()
+
+
+def write_base_record(directory: Path, model_dir: Path, model_type: str) -> None:
+    """Record in `directory/base_model.json` which base an adapter was trained on: absolute path, model_type and
+    the sha256 of its config.json, so the tools find the base from any working directory and refuse another
+    architecture."""
+    record = {"base_model_name_or_path": str(Path(model_dir).resolve()), "model_type": model_type,
+              "config_sha256": config_sha256(model_dir)}
+    (Path(directory) / BASE_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+
+
 def read_json(path: Path, what: str) -> dict:
     """Parse a JSON file; a missing or malformed file is a `UserError` naming it and `what` it should be."""
     if not path.is_file():
         raise UserError(f"{path} not found: {what}")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise UserError(f"{path} is not valid JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path} is not a JSON object: {what}")
+    return data
 
 
 @dataclass
@@ -66,9 +105,14 @@ class BaseCheckpoint:
             raise UserError(f"{path / 'config.json'}: model_type {model_type!r} is not supported; "
                             f"supported families: {', '.join(FAMILIES)}")
         if (path / INDEX_FILE).is_file():
-            weight_map = read_json(path / INDEX_FILE, "the shard index")["weight_map"]
+            weight_map = read_json(path / INDEX_FILE, "the shard index").get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise UserError(f"{path / INDEX_FILE}: no weight_map")
+            for shard in sorted(set(weight_map.values())):
+                if not (path / shard).is_file():
+                    raise UserError(f"{path / INDEX_FILE} names the shard {shard}, which is missing")
         elif (path / SINGLE_FILE).is_file():
-            with safe_open(path / SINGLE_FILE, "pt") as handle:
+            with safetensors_file(path / SINGLE_FILE) as handle:
                 weight_map = {name: SINGLE_FILE for name in handle.keys()}
         else:
             raise UserError(f"{path} has no {SINGLE_FILE} or {INDEX_FILE}; only safetensors checkpoints are supported")
@@ -112,8 +156,33 @@ class BaseCheckpoint:
             return False
         return True
 
+    def check_adapter(self, adapter_dir: Path, adapter_config: dict) -> None:
+        """Refuse an adapter trained on another architecture: its recorded model_type (a Control Adapter's config,
+        `base_model.json` of a `craft train` output, or the config of the base it names) must be this base's;
+        a Control Adapter's hidden size and layer count must match too. A different config.json of the same
+        architecture (sha256 recorded at training) is only a warning."""
+        adapter_dir = Path(adapter_dir)
+        record = {}
+        if (adapter_dir / BASE_RECORD).is_file():
+            record = read_json(adapter_dir / BASE_RECORD, "the adapter's base record")
+        trained_on = adapter_config.get("model_type") or record.get("model_type")
+        named_base = Path(str(adapter_config.get("base_model_name_or_path") or ""))
+        if trained_on is None and str(named_base) and (named_base / "config.json").is_file():
+            trained_on = read_json(named_base / "config.json", "the adapter's base config").get("model_type")
+        actual = self.config.get("model_type")
+        if trained_on is not None and trained_on != actual:
+            raise UserError(f"{adapter_dir} was trained on a {trained_on} model, but the base {self.path} is "
+                            f"{actual} (model_type in config.json); use the base it was trained on")
+        for key in ("hidden_size", "num_hidden_layers"):
+            if key in adapter_config and adapter_config[key] != self.config.get(key):
+                raise UserError(f"{adapter_dir} was trained on a model with {key}={adapter_config[key]}, but the "
+                                f"base {self.path} has {key}={self.config.get(key)}")
+        if record.get("config_sha256") not in (None, config_sha256(self.path)):
+            print(f"craft: warning: {self.path / 'config.json'} differs from the config of the base {adapter_dir} "
+                  f"was trained on ({record.get('base_model_name_or_path')})", file=sys.stderr)
+
     def _read(self, key: str) -> torch.Tensor:
-        with safe_open(self.path / self.weight_map[key], "pt") as handle:
+        with safetensors_file(self.path / self.weight_map[key]) as handle:
             return handle.get_tensor(key)
 
     def get_tensor(self, name: str) -> torch.Tensor:
@@ -192,14 +261,19 @@ class StoredTensor:
 
 def shard_entries(path: Path) -> tuple[list[StoredTensor], dict[str, str] | None]:
     """Every tensor of a safetensors file, in file order, and the file's metadata."""
-    with open(path, "rb") as handle:
-        (length,) = struct.unpack("<Q", handle.read(8))
-        header = json.loads(handle.read(length))
-    metadata = header.pop("__metadata__", None)
-    by_name = {dtype_name: dtype for dtype, dtype_name in _DTYPE_NAMES.items()}
-    ordered = sorted(header.items(), key=lambda item: item[1]["data_offsets"][0])
-    return [StoredTensor(name, by_name[info["dtype"]], info["shape"], 8 + length + info["data_offsets"][0],
-                         8 + length + info["data_offsets"][1]) for name, info in ordered], metadata
+    try:
+        with open(path, "rb") as handle:
+            (length,) = struct.unpack("<Q", handle.read(8))
+            if length > path.stat().st_size:
+                raise ValueError(f"header of {length} bytes in a file of {path.stat().st_size}")
+            header = json.loads(handle.read(length))
+        metadata = header.pop("__metadata__", None)
+        by_name = {dtype_name: dtype for dtype, dtype_name in _DTYPE_NAMES.items()}
+        ordered = sorted(header.items(), key=lambda item: item[1]["data_offsets"][0])
+        return [StoredTensor(name, by_name[info["dtype"]], info["shape"], 8 + length + info["data_offsets"][0],
+                             8 + length + info["data_offsets"][1]) for name, info in ordered], metadata
+    except (OSError, struct.error, ValueError, KeyError, TypeError, AttributeError) as err:
+        raise UserError(f"{path}: not a readable safetensors file ({first_line(err)})") from None
 
 
 def read_stored(handle, entry: StoredTensor) -> torch.Tensor:

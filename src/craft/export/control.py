@@ -199,4 +199,6 @@ def base_dir_for(adapter: ControlAdapterFile, base_dir: str | None) -> BaseCheck
         raise UserError(f"base model directory {path} does not exist "
                         f"({'--base' if base_dir else 'base_model_name_or_path in the adapter config'}); "
                         "pass --base with a local directory")
-    return BaseCheckpoint.open(path)
+    base = BaseCheckpoint.open(path)
+    base.check_adapter(adapter.path, adapter.config)
+    return base

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import re
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -81,6 +82,7 @@ def export_gguf(adapter_dir, out_file, base_dir=None, outtype: str = "f32", dire
         if not base_path:
             raise UserError(f"{adapter_dir}: no base model recorded in adapter_config.json; pass --base BASE_DIR")
         base = BaseCheckpoint.open(base_path)
+        base.check_adapter(Path(adapter_dir), config)
         updates = read_lora(adapter_dir)
     reject_embedding_updates(updates, "GGUF export")
     alpha, updates = _alpha_and_factors(updates)

@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
-from craft.errors import UserError
+from craft.errors import UserError, first_line
 from craft.export.control import adapter_modules, read_control_adapter_file
 from craft.export.lora import adapter_kind, read_lora
 
@@ -41,6 +42,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.plot:
+        folder = Path(args.plot).resolve().parent
+        if not folder.is_dir():
+            raise UserError(f"--plot {args.plot}: the directory {folder} does not exist")
     rows = inspect_adapter(args.adapter_dir)
     print(format_table(rows))
     worst = max(rows, key=lambda row: row.spec)
@@ -120,5 +125,9 @@ def plot(rows: list[Row], path: str) -> None:
     ax.set_ylabel("norm")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    try:
+        fig.savefig(path)
+    except (OSError, ValueError) as err:  # unwritable path, or a suffix matplotlib has no writer for
+        raise UserError(f"--plot {path}: {first_line(err)}") from None
+    finally:
+        plt.close(fig)

@@ -27,11 +27,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from craft.errors import UserError
-from craft.export.checkpoint import read_json
+from craft.export.checkpoint import read_json, safetensors_file
 
 PEFT_PREFIX = "base_model.model."
 MULTIPLICATIVE_TYPE = "multiplicative_lora"
@@ -155,7 +154,7 @@ def read_lora(adapter_dir: str | Path) -> dict[str, LowRankUpdate]:
         raise UserError(f"{weights_path} not found (only safetensors adapters are supported)")
     target_parameters = list(config.get("target_parameters") or [])
     factors: dict[str, dict[str, torch.Tensor]] = {}
-    with safe_open(weights_path, "pt") as handle:
+    with safetensors_file(weights_path) as handle:
         for key in handle.keys():
             if key.endswith(".base_layer.weight"):
                 # PEFT's copy of an adapted embedding / lm_head base weight (save_embedding_layers); the merge

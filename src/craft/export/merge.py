@@ -70,6 +70,7 @@ def merge(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path, mu
     base = BaseCheckpoint.open(base_dir)
     if Path(out_dir).resolve() == base.path.resolve():
         raise UserError(f"output {out_dir} is the base model directory; choose another OUT_DIR")
+    base.check_adapter(Path(adapter_dir), adapter_kind(adapter_dir)[1])
     updates = load_updates(base, adapter_dir, multiplicative, direction, strength, block_rule)
     plan: dict[str, list[LowRankUpdate]] = {}
     for name, update in updates.items():
