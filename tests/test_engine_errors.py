@@ -2,21 +2,47 @@
 
 from __future__ import annotations
 
+import json
+import os
+import pickle
+import shutil
+from pathlib import Path
+
 import pytest
-from test_engine_fixtures import basic_setup
+from test_engine_fixtures import basic_setup, only_run, write_model
 
 from craft.cli import main
 from craft.engine.config import TrainConfig, load_config, parse_layer_range
 from craft.errors import UserError
+from craft.testing import save_tiny_model
 
 
-def fail(capsys, *argv) -> str:
+def snapshot(*dirs: Path) -> dict:
+    """Everything under `dirs` (existence, then every path's mtime and size): equal snapshots = untouched."""
+    state = {}
+    for root in dirs:
+        state[root] = root.exists()
+        for path in sorted(root.rglob("*")) if root.is_dir() else []:
+            stat = path.stat()
+            state[path] = (stat.st_mtime_ns, stat.st_size)
+    return state
+
+
+def fail_cli(capsys, argv: list, untouched: tuple = ()) -> str:
+    """Run `craft ARGV` in-process: exit code 2, exactly one stderr line, nothing under `untouched` changed."""
+    before = snapshot(*untouched)
     capsys.readouterr()  # drop output of the fixtures
-    code = main(["train", *map(str, argv), "--no_progress"])
+    code = main([str(a) for a in argv])
     err = capsys.readouterr().err.strip()
-    assert code == 2
-    assert err.count("\n") == 0 and "Traceback" not in err
+    assert code == 2, err
+    assert err.count("\n") == 0 and "Traceback" not in err and err.startswith(f"craft {argv[0]}: error: "), err
+    assert snapshot(*untouched) == before
     return err
+
+
+def fail(capsys, config, *argv) -> str:
+    """`craft train CONFIG ARGV` fails as promised, leaving the config's output_dir (`out` next to it) alone."""
+    return fail_cli(capsys, ["train", config, *argv, "--no_progress"], untouched=(Path(config).parent / "out",))
 
 
 @pytest.fixture
@@ -154,3 +180,182 @@ def test_library_callers_get_user_error(setup):
     setup.write_text(setup.read_text().replace("lora_rank = 4\n", ""))
     with pytest.raises(UserError, match="lora_rank is required"):
         load_config(setup)
+
+
+# --- model directory ------------------------------------------------------------------------------------------
+
+def _model_copy(setup, tmp_path, name="model2") -> Path:
+    """A copy of the setup's model directory that the config now points at."""
+    copy = tmp_path / name
+    shutil.copytree(tmp_path / "model", copy)
+    setup.write_text(setup.read_text().replace(f'"{tmp_path / "model"}"', f'"{copy}"'))
+    return copy
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated"])
+def test_damaged_model_safetensors(capsys, setup, tmp_path, damage):
+    weights = _model_copy(setup, tmp_path) / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(b"not a safetensors file at all" if damage == "garbage" else data[: len(data) // 2])
+    err = fail(capsys, setup)
+    assert str(weights) in err and ("safetensors" in err or "damaged" in err)
+
+
+@pytest.mark.parametrize("where", ["is", "under"])
+def test_output_dir_that_is_or_lies_under_a_file(capsys, setup, tmp_path, where):
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file")
+    target = blocker if where == "is" else blocker / "runs"
+    err = fail_cli(capsys, ["train", setup, "--set", f'output_dir="{target}"'], untouched=(blocker,))
+    assert f"output_dir '{target}'" in err and ("is a file" if where == "is" else f"under the file {blocker}") in err
+
+
+def test_model_dir_without_tokenizer(capsys, setup, tmp_path):
+    model = _model_copy(setup, tmp_path)
+    for path in model.glob("tokenizer*"):
+        path.unlink()
+    err = fail(capsys, setup)
+    assert "has no tokenizer" in err and str(model) in err and "sentencepiece" not in err
+
+
+def test_tokenizer_larger_than_the_embedding(capsys, tmp_path):
+    from craft.testing import make_tokenizer
+
+    write_model(tmp_path / "model", vocab_size=260)
+    make_tokenizer(384).save_pretrained(tmp_path / "model")  # ids up to 383: beyond the 260 embedding rows
+    err = fail(capsys, basic_setup(tmp_path))
+    assert "vocab_size=260" in err and "token id" in err
+
+
+def test_config_and_weight_shapes_disagree(capsys, setup, tmp_path):
+    model = _model_copy(setup, tmp_path)
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "intermediate_size": 96}))
+    err = fail(capsys, setup)
+    assert "mlp" in err and "(128, 64)" in err and "(96, 64)" in err and "do not match" in err
+
+
+def test_target_module_typo_lists_valid_names(capsys, setup):
+    err = fail(capsys, setup, "--set", "target_modules=['q_prj', 'v_proj']")
+    assert "target_modules: 'q_prj'" in err and "q_proj, up_proj, v_proj" in err
+
+
+# --- config ---------------------------------------------------------------------------------------------------
+
+def test_all_config_errors_at_once_and_misspelt_required_key(capsys, setup):
+    text = setup.read_text().replace("dataset_path", "dataset_pth").replace("lora_rank = 4", "lora_rnak = 4")
+    setup.write_text('epochs = "two"\n' + text)
+    err = fail(capsys, setup)
+    assert "unknown key 'lora_rnak'; did you mean 'lora_rank'?" in err and "key 'epochs'" in err
+    assert "unknown key 'datasets.0.dataset_pth'; did you mean 'dataset_path'?" in err
+    assert "missing" not in err  # the misspelt dataset_path is reported once, as the misspelling
+
+
+def test_qlora_pipe_keys_name_their_equivalent(capsys, setup):
+    err = fail(capsys, setup, "--set", "eval_steps=10", "--set", "micro_batch_size_per_gpu=2")
+    assert "unknown key 'eval_steps' (a qlora-pipe key); use evals_per_run or evals_per_epoch" in err
+    assert "use micro_batch_size" in err
+
+
+def test_newer_qlora_pipe_lite_keys_are_accepted(setup):
+    text = setup.read_text().replace("evals_per_run = 2\n", "")
+    setup.write_text(text.replace("[[datasets]]", 'evals_per_epoch = 2\ndocument_prefix = "<doc>"\n'
+                                                  "[[datasets]]\nmax_tokens = 330\ndocument_suffix = ''"))
+    config = load_config(setup)
+    spec = config.datasets[0]
+    assert (config.evals_per_epoch, spec.max_tokens, spec.sequence_cap(config.sequence_len)) == (2, 330, 10)
+    assert config.prefix_suffix(spec) == ("<doc>", "")
+    with pytest.raises(UserError, match="evals_per_run and evals_per_epoch cannot both be given"):
+        load_config(setup, ["evals_per_run=3"])
+    with pytest.raises(UserError, match=r"max_tokens=8 is less than one sequence \(sequence_len=32\)"):
+        setup.write_text(setup.read_text().replace("max_tokens = 330", "max_tokens = 8"))
+        load_config(setup)
+
+
+# --- resume and checkpoints -----------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A finished 2-step LoRA run whose config names its model_dir relative to the directory it ran in."""
+    root = tmp_path_factory.mktemp("trained")
+    config = basic_setup(root, max_steps=2, evals_per_run=0)
+    config.write_text(config.read_text().replace(f'"{root / "model"}"', '"model"'))
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        assert main(["train", str(config), "--no_progress"]) == 0
+    finally:
+        os.chdir(cwd)
+    return root, config, only_run(root / "out")
+
+
+@pytest.mark.parametrize("change", ["lora_rank=8", "use_control_adapters=true"])
+def test_resume_with_other_adapter_settings(capsys, trained, change):
+    root, config, run = trained
+    err = fail_cli(capsys, ["train", config, "--set", f'model_dir="{root / "model"}"', "--set", change,
+                            "--resume_from_checkpoint", "--no_progress"], untouched=(root / "out",))
+    assert "checkpoint" in err and ("has shape" in err if "rank" in change else "missing, e.g." in err)
+    assert "lora_rank" in err and "use_control_adapters" in err
+
+
+class _Payload:
+    """Unpickling this creates `marker`: proof that a pickle was loaded."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return Path.touch, (self.marker,)
+
+
+@pytest.mark.parametrize("disguise", ["rank00000.pt", "rank00000.safetensors"])
+def test_planted_pickle_never_runs(capsys, trained, tmp_path, disguise):
+    root, config, run = trained
+    checkpoint = sorted((run / "checkpoints").glob("step*"))[-1]
+    copy = tmp_path / "out" / run.name / "checkpoints" / checkpoint.name
+    shutil.copytree(checkpoint, copy)
+    marker = tmp_path / "pwned"
+    (copy / disguise).write_bytes(pickle.dumps(_Payload(marker)))
+    err = fail_cli(capsys, ["train", config, "--set", f'model_dir="{root / "model"}"', "--set",
+                            f'output_dir="{tmp_path / "out"}"', "--resume_from_checkpoint", copy, "--no_progress"],
+                   untouched=(tmp_path / "out",))
+    assert str(copy) in err and ("pickle" in err if disguise.endswith(".pt") else "damaged" in err)
+    assert not marker.exists()
+
+
+# --- tools ----------------------------------------------------------------------------------------------------
+
+def test_tools_find_the_recorded_base_from_another_directory(trained, tmp_path, monkeypatch):
+    root, _, run = trained
+    record = json.loads((run / "epoch1" / "base_model.json").read_text())
+    assert record["base_model_name_or_path"] == str((root / "model").resolve()) and record["model_type"] == "llama"
+    adapter_config = json.loads((run / "epoch1" / "adapter_config.json").read_text())
+    assert adapter_config["base_model_name_or_path"] == str((root / "model").resolve())
+    monkeypatch.chdir(tmp_path)
+    assert main(["export-gguf", str(run / "epoch1"), "lora.gguf"]) == 0 and (tmp_path / "lora.gguf").is_file()
+
+
+def test_merge_refuses_an_adapter_of_another_architecture(capsys, trained, tmp_path):
+    _, _, run = trained
+    qwen = save_tiny_model(tmp_path / "qwen2", "qwen2")  # same shapes as the tiny llama
+    err = fail_cli(capsys, ["merge", qwen, run / "epoch1", tmp_path / "merged"], untouched=(tmp_path / "merged",))
+    assert "was trained on a llama model" in err and "qwen2" in err
+
+
+@pytest.mark.parametrize("part", ["adapter", "base"])
+def test_merge_with_a_corrupt_adapter_or_base(capsys, trained, tmp_path, part):
+    root, _, run = trained
+    adapter, base = tmp_path / "adapter", tmp_path / "base"
+    shutil.copytree(run / "epoch1", adapter)
+    shutil.copytree(root / "model", base)
+    damaged = adapter / "adapter_model.safetensors" if part == "adapter" else base / "model.safetensors"
+    damaged.write_bytes(damaged.read_bytes()[:200])
+    err = fail_cli(capsys, ["merge", base, adapter, tmp_path / "merged"], untouched=(tmp_path / "merged",))
+    assert str(damaged) in err
+
+
+def test_inspect_plot_into_a_missing_directory(capsys, trained, tmp_path):
+    _, _, run = trained
+    err = fail_cli(capsys, ["inspect", run / "epoch1", "--plot", tmp_path / "nope" / "norms.png"],
+                   untouched=(tmp_path / "nope",))
+    assert f"{tmp_path / 'nope'} does not exist" in err

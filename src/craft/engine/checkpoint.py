@@ -38,6 +38,7 @@ from safetensors.torch import load_file, save_file
 
 from craft.engine.distributed import barrier
 from craft.errors import UserError
+from craft.export.checkpoint import safetensors_file
 
 
 def _fsync_file(path: Path) -> None:
@@ -167,12 +168,27 @@ def read_meta(checkpoint: Path) -> dict:
     return _read_json(checkpoint / "meta.json")
 
 
-def read_rank_state(checkpoint: Path, rank: int) -> dict:
-    """The state one rank saved (see `save_checkpoint`), read without pickle."""
+def refuse_pickles(checkpoint: Path) -> None:
+    """A checkpoint directory holding pickle files is refused without opening them."""
     pickles = sorted(p.name for p in checkpoint.iterdir() if p.suffix.lower() in _PICKLE_SUFFIXES)
     if pickles:
         raise UserError(f"checkpoint {checkpoint} holds pickle files ({', '.join(pickles)}), which can run code "
                         f"when loaded; craft checkpoints hold none (safetensors + JSON) and never load one")
+
+
+def check_files(checkpoint: Path) -> None:
+    """Before a resumed run writes anything: no pickle files, and every rank's files parse (headers only)."""
+    refuse_pickles(checkpoint)
+    read_meta(checkpoint)
+    for tensor_file in sorted(checkpoint.glob("rank*.safetensors")):
+        with safetensors_file(tensor_file):
+            pass
+        _read_json(tensor_file.with_suffix(".json"))
+
+
+def read_rank_state(checkpoint: Path, rank: int) -> dict:
+    """The state one rank saved (see `save_checkpoint`), read without pickle."""
+    refuse_pickles(checkpoint)
     tensor_file = checkpoint / f"rank{rank:05d}.safetensors"
     if not tensor_file.is_file():
         raise UserError(f"checkpoint file {tensor_file} is missing")

@@ -2,8 +2,15 @@
 
 A config file is parsed with `tomllib`, optionally patched with `--set key=value` overrides, and validated by
 `TrainConfig` (pydantic v2, `extra="forbid"`). Every mistake a user can make becomes a one-line
-`craft.errors.UserError` that names the file, the key (and for unknown keys the nearest valid one), or the TOML
-line at fault.
+`craft.errors.UserError` that names the file, the key (and for unknown keys the nearest valid one, or for keys
+of qlora-pipe / older qlora-pipe-lite configs the key that does the same here), or the TOML line at fault. All
+the key errors of a file are reported together, `; `-separated, in that one line.
+
+Keys of the current qlora-pipe-lite configs are accepted with their meaning: `evals_per_epoch` (top level: evals
+evenly spaced within each epoch instead of `evals_per_run` over the run), `max_tokens` (per dataset: a cap on its
+tokens, taken as whole packed sequences, i.e. floor(max_tokens / sequence_len) of them), `document_prefix` /
+`document_suffix` (top level, or per dataset where it overrides: text put before / after every document before it
+is tokenized).
 """
 
 from __future__ import annotations
@@ -28,7 +35,15 @@ class DatasetConfig(BaseModel):
     dataset_path: str
     control_class: Literal[-1, 0, 1] = 1
     max_sequences: int | None = Field(default=None, gt=0)
+    max_tokens: int | None = Field(default=None, gt=0)
     drop_tails: bool = False
+    document_prefix: str | None = None
+    document_suffix: str | None = None
+
+    def sequence_cap(self, sequence_len: int) -> int | None:
+        """How many packed sequences to keep at most: `max_sequences` and floor(`max_tokens` / sequence_len)."""
+        caps = [c for c in (self.max_sequences, self.max_tokens and self.max_tokens // sequence_len) if c is not None]
+        return min(caps) if caps else None
 
 
 class TrainConfig(BaseModel):
@@ -71,6 +86,9 @@ class TrainConfig(BaseModel):
     max_checkpoints: int = Field(default=3, gt=0)
     eval_fraction: float = Field(default=0.01, ge=0.0, lt=1.0)
     evals_per_run: int = Field(default=11, ge=0)
+    evals_per_epoch: int | None = Field(default=None, ge=0)
+    document_prefix: str = ""
+    document_suffix: str = ""
     control_class0_lambda: float = Field(default=0.0, ge=0.0)
     control_adapter_target: Literal["sublayers", "block"] = "sublayers"
     control_adapter_type: Literal["lowrank", "symmetric"] = "lowrank"
@@ -122,6 +140,12 @@ class TrainConfig(BaseModel):
             raise ValueError("lora_rank is required for LoRA and Control Adapter training")
         if self.use_control_adapters and self.target_modules is not None:
             raise ValueError("target_modules is not available with use_control_adapters (they act per layer)")
+        if self.evals_per_epoch is not None and "evals_per_run" in self.model_fields_set:
+            raise ValueError("evals_per_run and evals_per_epoch cannot both be given (choose one eval schedule)")
+        for index, spec in enumerate(self.datasets):
+            if spec.max_tokens is not None and spec.max_tokens < self.sequence_len:
+                raise ValueError(f"datasets.{index}.max_tokens={spec.max_tokens} is less than one sequence "
+                                 f"(sequence_len={self.sequence_len})")
         return self
 
     # Derived values -----------------------------------------------------------------------------------------
@@ -129,6 +153,12 @@ class TrainConfig(BaseModel):
     def alpha(self) -> float:
         """lora_alpha, defaulting to sqrt(rank) (rsLoRA: scale = alpha / rank = 1 / sqrt(rank))."""
         return self.lora_alpha if self.lora_alpha is not None else math.sqrt(self.lora_rank)
+
+    def prefix_suffix(self, spec: DatasetConfig) -> tuple[str, str]:
+        """The text put around each document of `spec`: its own document_prefix/suffix, else the top-level one."""
+        prefix = spec.document_prefix if spec.document_prefix is not None else self.document_prefix
+        suffix = spec.document_suffix if spec.document_suffix is not None else self.document_suffix
+        return prefix, suffix
 
     @property
     def eval_accumulation_steps(self) -> int:
@@ -157,6 +187,23 @@ def parse_layer_range(text: str) -> tuple[int, int]:
     return first, last
 
 
+# Keys of qlora-pipe (and older forks) with no key of that name here: the key that does the same job.
+EQUIVALENT_KEYS = {
+    "micro_batch_size_per_gpu": "micro_batch_size",
+    "eval_micro_batch_size_per_gpu": "micro_batch_size",
+    "eval_steps": "evals_per_run or evals_per_epoch",
+    "eval_before_first_step": "evals_per_run (its schedule includes the start and the end)",
+    "eval_after_last_step": "evals_per_run (its schedule includes the start and the end)",
+    "save_steps": "checkpoint_interval_hours",
+    "checkpoint_every_n_minutes": "checkpoint_interval_hours",
+    "logging_steps": "nothing (every step is logged)",
+    "optimizer": "the top-level keys lr, beta1, beta2 and eps",
+    "dataset_type": "nothing (the file extension selects the format)",
+    "eval_size": "eval_fraction",
+    "max_steps_per_epoch": "max_steps",
+    "max_tokens": "max_tokens inside a [[datasets]] table (a cap on that dataset's tokens), or max_steps",
+}
+
 _TYPE_NAMES = {"int": "an integer", "float": "a number", "bool": "true or false", "string": "a string",
                "list": "a list", "literal": "one of", "dict": "a table", "model": "a table"}
 
@@ -169,9 +216,10 @@ def _describe(error: dict) -> str:
     key = ".".join(path).replace(".datasets.", "datasets.")
     kind = error["type"]
     if kind == "extra_forbidden":
-        valid = list(DatasetConfig.model_fields if "datasets" in path[:-1] else TrainConfig.model_fields)
-        near = difflib.get_close_matches(path[-1], valid, n=1, cutoff=0.5)
-        hint = f"; did you mean '{near[0]}'?" if near else f"; valid keys: {', '.join(valid)}"
+        if path[-1] in EQUIVALENT_KEYS:
+            return f"unknown key '{key}' (a qlora-pipe key); use {EQUIVALENT_KEYS[path[-1]]}"
+        near = _nearest_key(path)
+        hint = f"; did you mean '{near}'?" if near else f"; valid keys: {', '.join(_valid_keys(path))}"
         return f"unknown key '{key}'{hint}"
     if kind == "missing":
         return f"missing required key '{key}'"
@@ -181,6 +229,29 @@ def _describe(error: dict) -> str:
     if kind == "value_error" and not key:
         return message.removeprefix("Value error, ")
     return f"key '{key}': {message.removeprefix('Value error, ')}"
+
+
+def _valid_keys(path: list[str]) -> list[str]:
+    return list(DatasetConfig.model_fields if "datasets" in path[:-1] else TrainConfig.model_fields)
+
+
+def _nearest_key(path: list[str]) -> str | None:
+    near = difflib.get_close_matches(path[-1], _valid_keys(path), n=1, cutoff=0.5)
+    return near[0] if near else None
+
+
+def describe_errors(errors: list[dict]) -> str:
+    """All pydantic errors in one line. A required key reported missing next to an unknown key that is its
+    misspelling (`dataset_pth`) is reported once, as the unknown key with its did-you-mean."""
+    misspelt = set()
+    for error in errors:
+        if error["type"] == "extra_forbidden":
+            path = [str(p) for p in error["loc"]]
+            near = _nearest_key(path)
+            if near is not None:
+                misspelt.add((*path[:-1], near))
+    kept = [e for e in errors if not (e["type"] == "missing" and tuple(str(p) for p in e["loc"]) in misspelt)]
+    return "; ".join(_describe(error) for error in kept)
 
 
 def _parse_override(text: str):
@@ -216,4 +287,4 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> TrainConfig:
     try:
         return TrainConfig.model_validate(raw)
     except ValidationError as err:
-        raise UserError(f"{path}: {_describe(err.errors()[0])}") from None
+        raise UserError(f"{path}: {describe_errors(err.errors())}") from None

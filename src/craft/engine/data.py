@@ -4,7 +4,8 @@ Every `[[datasets]]` entry names a glob of `.txt` (the whole file is one documen
 `{"text": ...}`), `.jsonl` (one `{"text": ...}` per line) or `.parquet` (a `text` column) files.
 
 Packing, per dataset (sequences never mix datasets, so every token of a sequence has the dataset's class):
-each document is tokenized without special tokens and followed by EOS. With `drop_tails = false` the documents
+each document, with the dataset's `document_prefix` / `document_suffix` text around it, is tokenized without
+special tokens and followed by EOS. With `drop_tails = false` the documents
 are concatenated and cut into chunks of `sequence_len - 1` tokens; each sequence is `[BOS] + chunk`, and the
 last, partial sequence of the pack is right-padded. With `drop_tails = true` each document is cut on its own and
 its partial last chunk is dropped (a document shorter than one sequence contributes nothing).
@@ -115,8 +116,9 @@ def pack_dataset(documents: list[list[int]], spec: DatasetConfig, sequence_len: 
         chunks = [c for doc in documents for c in _chunks(doc, body, keep_tail=False)]
     else:
         chunks = _chunks([t for doc in documents for t in doc], body, keep_tail=True)
-    if spec.max_sequences is not None:
-        chunks = chunks[:spec.max_sequences]
+    cap = spec.sequence_cap(sequence_len)
+    if cap is not None:
+        chunks = chunks[:cap]
     rows = {name: [] for name in COLUMNS}
     for chunk in chunks:
         n_pad = body - len(chunk)
@@ -153,7 +155,8 @@ def build_rows(config: TrainConfig, tokenizer, vocab_size: int | None = None) ->
     bos, eos, pad = _special_ids(tokenizer)
     rows = {name: [] for name in COLUMNS}
     for spec in config.datasets:
-        documents = [doc for path in dataset_files(spec) for doc in read_documents(path)]
+        prefix, suffix = config.prefix_suffix(spec)
+        documents = [prefix + doc + suffix for path in dataset_files(spec) for doc in read_documents(path)]
         token_lists = tokenizer(documents, add_special_tokens=False)["input_ids"]
         _check_vocabulary(token_lists, (bos, eos, pad), vocab_size)
         packed = pack_dataset([ids + [eos] for ids in token_lists], spec, config.sequence_len, bos, pad)
@@ -176,7 +179,8 @@ def cache_key(config: TrainConfig, model_dir: Path, vocab_size: int | None = Non
     for name in sorted(os.listdir(model_dir)):
         if name.startswith("tokenizer") or name in ("special_tokens_map.json", "vocab.json", "merges.txt"):
             digest.update(name.encode() + (model_dir / name).read_bytes())
-    settings = (config.sequence_len, config.eval_fraction, config.seed, vocab_size)
+    settings = (config.sequence_len, config.eval_fraction, config.seed, vocab_size, config.document_prefix,
+                config.document_suffix)
     digest.update(repr(settings).encode())
     return digest.hexdigest()[:16]
 

@@ -152,6 +152,25 @@ class CheckpointReader:
             return experts or None
         return None
 
+    def shape(self, name: str) -> tuple[int, ...]:
+        """The shape of tensor `name` from the file headers alone (fused Mixtral experts: as `get` assembles)."""
+        if name in self.files:
+            with safetensors_file(self.files[name]) as handle:
+                return tuple(handle.get_slice(name).get_shape())
+        groups = self._legacy_moe(name)
+        if len(groups) == 1 and len(groups[0]) == 1 and not name.endswith("_proj"):
+            return self.shape(groups[0][0])
+        parts = [self.shape(n) for n in groups[0]]
+        return (len(groups), sum(p[0] for p in parts), *parts[0][1:])
+
+    def key_for(self, name: str, tied: bool) -> str:
+        """The checkpoint name holding the model's tensor `name` (a tied lm_head reads the embedding)."""
+        if not self.has(name) and name == "lm_head.weight" and tied:
+            name = "model.embed_tokens.weight"
+        if not self.has(name):
+            raise UserError(f"model_dir: tensor '{name}' is missing from the checkpoint")
+        return name
+
     def get(self, name: str) -> torch.Tensor:
         if name in self.files:
             return self._read(name)
@@ -212,15 +231,7 @@ def _materialize(base: nn.Module, owned: dict[str, nn.Module], reader: Checkpoin
                 base._init_weights(sub)
         state = module.state_dict()
         for name in state:
-            key = f"{prefix}.{name}"
-            if not reader.has(key) and key == "lm_head.weight" and tie_word_embeddings:
-                key = "model.embed_tokens.weight"
-            if not reader.has(key):
-                raise UserError(f"model_dir: tensor '{key}' is missing from the checkpoint")
-            tensor = reader.get(key)
-            if tensor.shape != state[name].shape:
-                raise UserError(f"model_dir: tensor '{key}' has shape {tuple(tensor.shape)} in the checkpoint, but "
-                                f"config.json makes it {tuple(state[name].shape)}; config and weights do not match")
+            tensor = reader.get(reader.key_for(f"{prefix}.{name}", tie_word_embeddings))
             state[name] = tensor.to(dtype) if tensor.is_floating_point() else tensor
         module.load_state_dict(state, strict=True, assign=False)
 
@@ -304,14 +315,37 @@ def _add_control_adapters(base: nn.Module, config: TrainConfig, layers: list[int
     return base
 
 
+def _meta_model(hf_config, dtype: torch.dtype) -> nn.Module:
+    """The causal LM of `hf_config` on the meta device: module structure and shapes, no memory."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
+
+
+def check_model_dir(config: TrainConfig) -> None:
+    """What can be known about `model_dir` without reading weights, checked before a run writes anything: every
+    tensor the model needs is in the safetensors headers with the shape config.json implies, and every
+    `target_modules` entry names linear maps of the decoder layers."""
+    hf_config = read_hf_config(config.model_dir, config.sequence_len)
+    base = _meta_model(hf_config, DTYPES[config.model_dtype])
+    if config.target_modules is not None and not config.full_fine_tune:
+        check_target_modules(base, config.target_modules)
+    reader = CheckpointReader(Path(config.model_dir))
+    tied = bool(getattr(hf_config, "tie_word_embeddings", False))
+    for name, tensor in base.state_dict().items():
+        key = reader.key_for(name, tied)
+        if reader.shape(key) != tuple(tensor.shape):
+            raise UserError(f"model_dir: tensor '{key}' has shape {reader.shape(key)} in the checkpoint, but "
+                            f"config.json makes it {tuple(tensor.shape)}; config and weights do not match")
+
+
 def load_stage(config: TrainConfig, stage: int, num_stages: int) -> StageModel:
     """Build the model for `stage` of `num_stages`: meta skeleton, own tensors loaded, adapters added.
 
     Only parameters of the trained kind require grad: LoRA/CA factors, or (full fine-tune) every parameter of
     the owned modules. Tied input/output embeddings are untied when they live on different stages.
     """
-    from transformers import AutoModelForCausalLM
-
     model_dir = Path(config.model_dir)
     hf_config = read_hf_config(model_dir, config.sequence_len)
     dtype = DTYPES[config.model_dtype]
@@ -326,10 +360,7 @@ def load_stage(config: TrainConfig, stage: int, num_stages: int) -> StageModel:
     if tied and config.full_fine_tune and num_stages > 1:
         raise UserError("full_fine_tune of a model with tied input/output embeddings needs pipeline_stages = 1 "
                         "(the tied matrix would live on two stages)")
-    with torch.device("meta"):
-        base = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
-    if config.target_modules is not None:
-        check_target_modules(base, config.target_modules)
+    base = _meta_model(hf_config, dtype)
     if tied and not (0 in items and num_layers + 1 in items):
         base.lm_head.weight = nn.Parameter(torch.empty_like(base.lm_head.weight))  # untie across stages
     owned = _owned_modules(base, items, num_layers)

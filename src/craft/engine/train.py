@@ -40,7 +40,7 @@ from craft.engine.config import TrainConfig
 from craft.engine.data import MicroBatches, load_or_build
 from craft.engine.distributed import (agree_on_errors, all_gather, barrier, broadcast_from_zero, distributed_world,
                                       make_topology, run_on_zero, stage_and_replica)
-from craft.engine.model import load_stage, load_tokenizer, read_hf_config
+from craft.engine.model import check_model_dir, load_stage, load_tokenizer, read_hf_config
 from craft.engine.outputs import save_epoch_output
 from craft.engine.pipeline import AuxLossMeter, build_pipeline_module
 from craft.errors import UserError
@@ -61,8 +61,18 @@ def lr_at(step: int, total_steps: int, config: TrainConfig) -> float:
     return config.lr * factor
 
 
-def eval_schedule(total_steps: int, evals_per_run: int) -> set[int]:
-    """Steps before which to evaluate: evenly spaced from 0 to `total_steps` (the end) inclusive."""
+def eval_schedule(total_steps: int, evals_per_run: int, steps_per_epoch: int | None = None,
+                  evals_per_epoch: int | None = None) -> set[int]:
+    """Steps after which to evaluate (0 = before the first step). `evals_per_run` evals evenly spaced from 0 to
+    `total_steps` inclusive; or, with `evals_per_epoch` = n, at 0 and at e*S + round(i*S/n) for every epoch e and
+    i = 1..n (S = steps_per_epoch), the end of the run included."""
+    if evals_per_epoch is not None:
+        if evals_per_epoch <= 0:
+            return set()
+        epochs = math.ceil(total_steps / steps_per_epoch)
+        points = {e * steps_per_epoch + round(i * steps_per_epoch / evals_per_epoch)
+                  for e in range(epochs) for i in range(1, evals_per_epoch + 1)}
+        return {0, total_steps} | {p for p in points if p <= total_steps}
     if evals_per_run <= 0:
         return set()
     if evals_per_run == 1:
@@ -261,9 +271,13 @@ def train(config: TrainConfig, resume: str | None = None, show_progress: bool = 
     """Run (or resume) the training described by `config` in this process's place in the world; returns the
     summary (on every rank). `resume`: None, "latest", or a checkpoint directory. Unless `verbose`, what
     third-party libraries print while the run is set up is discarded (`craft.quiet`)."""
-    hf_config = read_hf_config(config.model_dir, config.sequence_len)  # fail early, before anything is written
+    # Fail before anything is written (the dataset cache included) on every mistake found without training.
+    hf_config = read_hf_config(config.model_dir, config.sequence_len)
     config.layer_indices(hf_config.num_hidden_layers)
+    check_model_dir(config)
     check_output_dir(config.output_dir)
+    if resume:
+        ckpt.check_files(_find_resume_checkpoint(Path(config.output_dir), resume))
     with contextlib.ExitStack() as stack:
         with swallow_stdout(verbose):
             rank, world = stack.enter_context(distributed_world())
@@ -288,7 +302,8 @@ class TrainingRun:
                                           self.replicas, self.replica, config.seed)
         self.eval_batches = MicroBatches(eval_rows, config.micro_batch_size, config.eval_accumulation_steps,
                                          self.replicas, self.replica, config.seed, shuffle=False)
-        if self.rank == 0 and config.evals_per_run > 0 and len(eval_rows) > 0 and self.eval_batches.steps == 0:
+        evals_wanted = (config.evals_per_epoch if config.evals_per_epoch is not None else config.evals_per_run) > 0
+        if self.rank == 0 and evals_wanted and len(eval_rows) > 0 and self.eval_batches.steps == 0:
             print(f"craft train: warning: eval is skipped: the {len(eval_rows)} eval sequences fill no eval batch of "
                   f"micro_batch_size x eval_gradient_accumulation_steps x replicas = "
                   f"{config.micro_batch_size * config.eval_accumulation_steps * self.replicas}; raise eval_fraction "
@@ -328,7 +343,9 @@ class TrainingRun:
                           resumed=resume_from is not None)
         # The eval after step k runs before checkpoint k is written, so a run resumed from step k has done it.
         start = self.progress.step + (resume_from is not None)
-        self.evals = {s for s in eval_schedule(self.total_steps, self.config.evals_per_run) if s >= start}
+        schedule = eval_schedule(self.total_steps, self.config.evals_per_run, self.train_batches.steps,
+                                 self.config.evals_per_epoch)
+        self.evals = {s for s in schedule if s >= start}
         self.output = self.run_dir / f"epoch{max(1, self.progress.epoch)}"  # a resumed, finished run: its last
 
     def loop(self) -> dict:
