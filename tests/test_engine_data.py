@@ -35,6 +35,12 @@ def test_max_sequences_caps_a_dataset():
     assert len(rows["input_ids"]) == 3
 
 
+def test_max_tokens_caps_a_dataset_in_whole_sequences():
+    docs = [[t, EOS] for t in range(10, 30)]
+    spec = DatasetConfig(dataset_path="x", max_tokens=14, max_sequences=5)  # floor(14 / 5) = 2 sequences of 5
+    assert len(pack_dataset(docs, spec, 5, BOS, PAD)["input_ids"]) == 2
+
+
 def test_all_formats_read_the_same_documents(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -70,6 +76,17 @@ def test_rows_tokenize_with_bos_and_eos_and_carry_classes(tmp_path):
         assert row[:len(ids) + 2] == [BOS] + ids + [EOS]
         assert set(row[len(ids) + 2:]) <= {PAD}
     assert [r[0] for r in rows["control_classes"]] == [1, -1]
+
+
+def test_document_prefix_and_suffix_surround_every_document(tmp_path):
+    tokenizer = make_tokenizer()
+    (tmp_path / "a.json").write_text(json.dumps([{"text": "The quick brown fox"}, {"text": "lazy dog."}]))
+    config = _config(tmp_path, [{"dataset_path": str(tmp_path / "a.json"), "document_suffix": "!"}],
+                     sequence_len=64, document_prefix="User: ", document_suffix="ignored")
+    rows = build_rows(config, tokenizer)
+    encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    expected = [BOS] + encode("User: The quick brown fox!") + [EOS] + encode("User: lazy dog.!") + [EOS]
+    assert rows["input_ids"][0][:len(expected)] == expected
 
 
 def test_eval_split_is_deterministic_and_disjoint():

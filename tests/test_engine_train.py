@@ -59,6 +59,9 @@ def test_lr_schedule_closed_form():
     default = config.model_copy(update={"warmup_steps": None})
     assert lr_at(0, 40, default) == pytest.approx(0.5)  # warmup = min(100, 40 // 20) = 2 steps
     assert eval_schedule(100, 11) == set(range(0, 101, 10)) and eval_schedule(10, 0) == set()
+    # evals_per_epoch = 2 over 2 epochs of 5 steps: 0, then e*5 + round(i*5/2) (round half to even: 2.5 -> 2)
+    assert eval_schedule(10, 11, steps_per_epoch=5, evals_per_epoch=2) == {0, 2, 5, 7, 10}
+    assert eval_schedule(8, 11, steps_per_epoch=5, evals_per_epoch=2) == {0, 2, 5, 7, 8}  # max_steps: the end too
 
 
 EXAMPLES = ["lora", "qlora", "control_adapter", "full_finetune", "demo"]
@@ -265,3 +268,30 @@ def test_bfloat16_base_with_kahan_summation_trains(tmp_path):
     assert all(t.dtype == torch.bfloat16 for t in state["model"].values())
     optimizer_state = state["optimizer"]["state"]
     assert optimizer_state and all(s["kahan_comp"] is not None for s in optimizer_state.values())
+
+
+def test_qlora_losses_do_not_depend_on_the_eval_schedule(tmp_path):
+    """An eval pass must not change later training steps (bitsandbytes' eval-mode repacking of 4-bit weights on
+    AVX512-BF16 CPUs used to break the gradients of every step after the first eval)."""
+    config = basic_setup(tmp_path, max_steps=4, load_in_4bit=True, lora_dropout=0.0)
+    losses = []
+    for evals in (0, 3):
+        assert train_in_process(config, f"evals_per_run={evals}", f'output_dir="{tmp_path}/evals{evals}"') == 0
+        losses.append(losses_of(only_run(tmp_path / f"evals{evals}")))
+    assert sorted(losses[0]) == [1, 2, 3, 4]
+    for step in losses[0]:
+        assert losses[1][step] == pytest.approx(losses[0][step], rel=1e-6, abs=1e-7), step
+
+
+def test_quiet_run_prints_the_summary_and_the_skipped_eval_warning(tmp_path, capfd):
+    """By default only craft's own lines; the eval split that fills no eval batch is a warning naming the keys;
+    --verbose lets DeepSpeed print its layout again."""
+    config = basic_setup(tmp_path, max_steps=1, eval_gradient_accumulation_steps=8)
+    capfd.readouterr()
+    assert train_in_process(config) == 0
+    out, err = capfd.readouterr()
+    assert len(out.splitlines()) == 4 and out.startswith("craft train: finished 1 steps"), out
+    assert err.strip().splitlines() == [line for line in err.strip().splitlines() if "eval is skipped" in line]
+    assert len(err.strip().splitlines()) == 1 and "eval_fraction" in err and "eval_gradient_accumulation_steps" in err
+    assert main(["train", str(config), "--no_progress", "--verbose", "--set", f'output_dir="{tmp_path}/v"']) == 0
+    assert "SEED_LAYERS" in capfd.readouterr().out
