@@ -159,13 +159,8 @@ def projection_updates(adapter: ControlAdapterFile, base: BaseCheckpoint, direct
     "mlp" puts T on the MLP's output projection only (the seed's rule: the MLP input is right, the attention
     write is not transformed). `craft convert` measures both and keeps the better one.
     """
+    base.check_adapter(adapter.path, adapter.config)
     family = adapter.family
-    if base.family.name != family.name:
-        raise UserError(f"the adapter was trained on a {family.name} model but the base model at {base.path} "
-                        f"is {base.family.name}")
-    hidden = int(adapter.config["hidden_size"])
-    if int(base.config.get("hidden_size", hidden)) != hidden:
-        raise UserError(f"adapter hidden_size {hidden} differs from the base model's {base.config['hidden_size']}")
     if block_rule not in BLOCK_RULES:
         raise UserError(f"block rule must be one of {', '.join(BLOCK_RULES)}, got {block_rule!r}")
     chosen = range(len(family.residual_projections))
@@ -199,6 +194,4 @@ def base_dir_for(adapter: ControlAdapterFile, base_dir: str | None) -> BaseCheck
         raise UserError(f"base model directory {path} does not exist "
                         f"({'--base' if base_dir else 'base_model_name_or_path in the adapter config'}); "
                         "pass --base with a local directory")
-    base = BaseCheckpoint.open(path)
-    base.check_adapter(adapter.path, adapter.config)
-    return base
+    return BaseCheckpoint.open(path)
