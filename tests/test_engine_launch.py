@@ -27,6 +27,8 @@ def test_deepspeed_launcher_trains_and_a_one_rank_error_prints_once(tmp_path):
     result = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=400)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert result.stdout.count("craft train: finished 2 steps") == 1  # the summary comes from rank 0 only
+    for noise in ("SEED_LAYERS", "DecoderLayerPipe", "kernels-community", "built successfully", "FutureWarning"):
+        assert noise not in result.stdout + result.stderr, noise  # quiet: third-party lines only with --verbose
     run_dir = only_run(tmp_path / "out")
     assert [json.loads(line)["step"] for line in (run_dir / "losses.jsonl").read_text().splitlines()] == [1, 2]
     checkpoint = sorted((run_dir / "checkpoints").glob("step*"))[-1]
