@@ -7,8 +7,8 @@ import torch
 from test_engine_fixtures import write_model
 
 from craft.engine.config import TrainConfig
-from craft.engine.model import load_stage
 from craft.engine.loss import causal_lm_loss
+from craft.engine.model import check_model_dir, load_stage
 from craft.engine.pipeline import AuxLossMeter, sequential_logits, sequential_loss
 from craft.testing import FAMILIES
 
@@ -38,7 +38,9 @@ def token_batch(seed=0, batch=2, length=24):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_forward_equals_hf_for_every_family(tmp_path, family):
     model_dir = write_model(tmp_path / family, family)
-    stage = load_stage(make_config(model_dir, full_fine_tune=True, lora_rank=None), 0, 1)
+    config = make_config(model_dir, full_fine_tune=True, lora_rank=None)
+    check_model_dir(config)  # the header-only preflight accepts every family's checkpoint layout
+    stage = load_stage(config, 0, 1)
     ids = token_batch()
     with torch.no_grad():
         ours, reference = sequential_logits(stage, ids), hf_model(model_dir)(ids).logits
@@ -144,7 +146,7 @@ def test_qlora_gradients_equal_those_of_the_dequantized_model(tmp_path, eval_fir
     if eval_first:
         stage.model.eval()
         with torch.no_grad():
-            sequential_forward(stage, ids)
+            sequential_logits(stage, ids)
         stage.model.train()
         packed = [m for m in stage.model.modules() if isinstance(m, bnb.nn.Linear4bit)
                   and getattr(m.weight.quant_state, "packing_format_for_cpu", False)]
