@@ -145,6 +145,13 @@ def test_sequence_len_beyond_model(capsys, setup):
     assert "sequence_len=4096" in err and "max_position_embeddings=512" in err
 
 
+def test_eval_fraction_that_leaves_too_little_to_train(capsys, setup, tmp_path):
+    err = fail_cli(capsys, ["train", setup, "--set", "eval_fraction=0.99", "--no_progress"])
+    assert "1 training sequences are too few for one optimizer step" in err
+    # Found once the rows exist: their cache (reused by the next run) is the only thing written, no run directory.
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["dataset_cache"]
+
+
 def test_layers_out_of_range(capsys, setup):
     err = fail(capsys, setup, "--set", 'layers_to_transform="0:7"')
     assert "layers_to_transform" in err and "only 2 layers" in err

@@ -189,6 +189,11 @@ def test_sigkill_then_resume_reproduces_the_uninterrupted_run(tmp_path):
     assert sorted(resumed) == sorted(reference) == list(range(1, 8))
     steps_logged = [json.loads(line)["step"] for line in (run_dir / "losses.jsonl").read_text().splitlines()]
     assert steps_logged == list(range(1, 8))  # replayed steps are logged once
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    assert [event.step for event in events.Scalars("train/loss")] == list(range(1, 8))  # TensorBoard too
     for step in reference:
         assert resumed[step] == pytest.approx(reference[step], rel=1e-6), step
     final, expected = last_checkpoint_tensors(run_dir), last_checkpoint_tensors(reference_dir)

@@ -186,12 +186,13 @@ def cache_key(config: TrainConfig, model_dir: Path, vocab_size: int | None = Non
 
 
 def split_rows(rows: dict, eval_fraction: float, seed: int):
-    """Shuffle with `seed` and cut off round(eval_fraction * n) rows (at least 1 when eval_fraction > 0)."""
+    """Shuffle with `seed` and cut off round(eval_fraction * n) rows (at least 1 when eval_fraction > 0, and at
+    most n - 1: the training split is never empty)."""
     from datasets import Dataset
 
     dataset = Dataset.from_dict(rows).shuffle(seed=seed)
     n = len(dataset)
-    n_eval = max(1, round(eval_fraction * n)) if eval_fraction > 0 and n > 1 else 0
+    n_eval = min(n - 1, max(1, round(eval_fraction * n))) if eval_fraction > 0 and n > 1 else 0
     return dataset.select(range(n_eval, n)), dataset.select(range(n_eval))
 
 
