@@ -366,3 +366,21 @@ def test_inspect_plot_into_a_missing_directory(capsys, trained, tmp_path):
     err = fail_cli(capsys, ["inspect", run / "epoch1", "--plot", tmp_path / "nope" / "norms.png"],
                    untouched=(tmp_path / "nope",))
     assert f"{tmp_path / 'nope'} does not exist" in err
+
+
+def test_usage_mistakes_are_one_line_too(capsys):
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exited:
+        main(["convert", "adapter", "out", "--direction", "2"])
+    err = capsys.readouterr().err.strip()
+    assert exited.value.code == 2 and err.count("\n") == 0
+    assert err.startswith("craft convert: error: argument --direction: invalid choice: 2")
+
+
+def test_incomplete_control_adapter_config(capsys, tmp_path):
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"adapter_type": "control_adapter", "rank": 4}))
+    (adapter / "adapter_model.safetensors").write_bytes(b"")
+    err = fail_cli(capsys, ["inspect", adapter])
+    assert "lacks the control adapter keys model_type, type, layers, hidden_size, num_hidden_layers" in err

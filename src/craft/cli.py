@@ -54,10 +54,17 @@ def is_rank_zero() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage mistakes are one line too (argparse would print the whole usage first); `--help` shows the usage."""
+
+    def error(self, message):
+        self.exit(UserError.exit_code, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = _drop_local_rank(sys.argv[1:] if argv is None else list(argv))
     silence_loggers(verbose="--verbose" in argv)
-    parser = argparse.ArgumentParser(prog="craft", description="contrastive and steering fine-tuning")
+    parser = _Parser(prog="craft", description="contrastive and steering fine-tuning")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     chosen = argv[0] if argv else None
     for name, (module_name, help_text) in SUBCOMMANDS.items():

@@ -28,6 +28,7 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 ADAPTER_TYPE = "control_adapter"
 _TENSOR_NAMES = {"lowrank": ("A", "B"), "symmetric": ("Q", "S")}
+_REQUIRED_KEYS = ("model_type", "type", "rank", "layers", "hidden_size", "num_hidden_layers")
 
 
 def _tensor_key(layer_index: int, param_name: str) -> str:
@@ -93,9 +94,15 @@ def read_control_adapter(directory) -> tuple[dict, dict[str, torch.Tensor]]:
         settings = json.loads((directory / CONFIG_NAME).read_text())
     except json.JSONDecodeError as error:
         raise UserError(f"{str(directory / CONFIG_NAME)!r} is not valid JSON: {error}") from None
-    if settings.get("adapter_type") != ADAPTER_TYPE:
-        raise UserError(f"{str(directory / CONFIG_NAME)!r} has adapter_type {settings.get('adapter_type')!r}, "
-                        f"expected {ADAPTER_TYPE!r}")
+    if not isinstance(settings, dict) or settings.get("adapter_type") != ADAPTER_TYPE:
+        found = settings.get("adapter_type") if isinstance(settings, dict) else settings
+        raise UserError(f"{str(directory / CONFIG_NAME)!r} has adapter_type {found!r}, expected {ADAPTER_TYPE!r}")
+    missing = [key for key in _REQUIRED_KEYS if key not in settings]
+    if missing:
+        raise UserError(f"{str(directory / CONFIG_NAME)!r} lacks the control adapter keys {', '.join(missing)}")
+    if settings["type"] not in _TENSOR_NAMES or not isinstance(settings["layers"], list):
+        raise UserError(f"{str(directory / CONFIG_NAME)!r}: type must be one of {list(_TENSOR_NAMES)} and layers "
+                        f"a list; got type {settings['type']!r}, layers {settings['layers']!r}")
     try:
         tensors = load_file(str(directory / WEIGHTS_NAME))
     except Exception as err:  # safetensors' own error type, OSError, ...: the file is unusable
