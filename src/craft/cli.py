@@ -23,6 +23,7 @@ from craft.quiet import silence_loggers
 # subcommand -> (module, one-line help). Modules are imported only when their subcommand runs.
 SUBCOMMANDS = {
     "train": ("craft.engine.cli", "train a Control Adapter / LoRA / QLoRA / full fine-tune from a TOML config"),
+    "plan": ("craft.engine.plan", "predict per-stage GPU memory of a `craft train` config (reads no weights)"),
     "convert": ("craft.export.convert", "convert a Control Adapter into a PEFT LoRA"),
     "merge": ("craft.export.merge", "merge a LoRA or Control Adapter into the base weights, shard by shard"),
     "export-gguf": ("craft.export.gguf_export", "write a llama.cpp LoRA adapter GGUF"),

@@ -1,4 +1,4 @@
-"""`craft plan`: the peak memory of each pipeline stage of a `craft train` config, from `config.json` and the TOML.
+"""`craft plan CONFIG.toml [--gpus N] [--gpu-memory 24GiB] [--set key=value ...]`: the peak memory of each pipeline stage of a `craft train` config, from `config.json` and the TOML.
 
 No weight is read: the model is built on the `meta` device (shapes only) to count the parameters of every
 pipeline item exactly, for every family. Notation: T = micro_batch_size * sequence_len tokens per micro-batch,
@@ -99,16 +99,23 @@ def parse_size(text: str) -> float:
 
 
 class ModelShape:
-    """Parameter counts of a model's pipeline items, from its config on the `meta` device."""
+    """Parameter counts of a model's pipeline items, from its config: a one-layer copy of the model is built on the
+    `meta` device (decoder layers all have the same parameters), so even a 70B model takes a moment."""
 
     def __init__(self, hf_config, config: TrainConfig):
+        import copy
+
         import torch
         from transformers import AutoModelForCausalLM
 
         from craft.engine.model import linear_module_names
 
+        one_layer = copy.deepcopy(hf_config)
+        one_layer.num_hidden_layers = 1
+        if getattr(one_layer, "layer_types", None) is not None:
+            one_layer.layer_types = one_layer.layer_types[:1]
         with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(hf_config)
+            model = AutoModelForCausalLM.from_config(one_layer)
         self.hidden = hf_config.hidden_size
         self.vocab = hf_config.vocab_size
         self.heads = hf_config.num_attention_heads
@@ -135,11 +142,11 @@ class ModelShape:
 
 
 def plan(config: TrainConfig, hf_config, gpus: int | None = None, gpu_memory: float | None = None,
-         num_stages: int | None = None) -> Plan:
+         num_stages: int | None = None, shape: ModelShape | None = None) -> Plan:
     """Per-stage peak memory of `config` run as `num_stages` stages (default `pipeline_stages`) on `gpus`."""
     from craft.engine.model import DTYPES, pipeline_parts
 
-    shape = ModelShape(hf_config, config)
+    shape = shape or ModelShape(hf_config, config)
     num_stages = num_stages or config.pipeline_stages
     gpus = gpus or num_stages
     mode = "full" if config.full_fine_tune else "control" if config.use_control_adapters else "lora"
@@ -201,10 +208,12 @@ def _layer_weight_bytes(shape: ModelShape, config: TrainConfig, b: int) -> float
     return shape.layer_linear_params * NF4_BYTES + (shape.layer_params - shape.layer_linear_params) * b
 
 
-def smallest_fitting_stages(config: TrainConfig, hf_config, gpus: int, gpu_memory: float) -> int | None:
+def smallest_fitting_stages(config: TrainConfig, hf_config, gpus: int, gpu_memory: float,
+                            shape: ModelShape | None = None) -> int | None:
     """The smallest number of pipeline stages dividing `gpus` whose largest stage fits (None if none does)."""
+    shape = shape or ModelShape(hf_config, config)
     for stages in range(1, min(gpus, hf_config.num_hidden_layers + 2) + 1):
-        if gpus % stages == 0 and plan(config, hf_config, gpus, gpu_memory, stages).fits:
+        if gpus % stages == 0 and plan(config, hf_config, gpus, gpu_memory, stages, shape).fits:
             return stages
     return None
 
@@ -230,7 +239,8 @@ def describe(config: TrainConfig, hf_config, gpus: int | None, gpu_memory: float
     gpus = gpus or config.pipeline_stages
     if gpus % config.pipeline_stages:
         raise UserError(f"--gpus {gpus} is not a multiple of pipeline_stages={config.pipeline_stages}")
-    result = plan(config, hf_config, gpus, gpu_memory)
+    shape = ModelShape(hf_config, config)
+    result = plan(config, hf_config, gpus, gpu_memory, shape=shape)
     text = [f"{config.pipeline_stages} pipeline stage(s) x {gpus // config.pipeline_stages} replica(s), "
             f"{config.micro_batch_size} x {config.sequence_len} tokens per micro-batch, activation_checkpointing = "
             f"{str(config.activation_checkpointing).lower()}, chunk_size = {config.chunk_size}",
@@ -238,10 +248,14 @@ def describe(config: TrainConfig, hf_config, gpus: int | None, gpu_memory: float
     if gpu_memory is not None:
         budget = f"{gpu_memory / GIB:.0f} GiB"
         text.append(f"fits on {gpus} x {budget}: {'yes' if result.fits else 'no'}")
-        smallest = smallest_fitting_stages(config, hf_config, gpus, gpu_memory)
-        text.append(f"smallest pipeline_stages that fits on {gpus} GPU(s): "
-                    + (str(smallest) if smallest else
-                       f"none (even {min(gpus, hf_config.num_hidden_layers + 2)} stages exceed {budget})"))
+        smallest = smallest_fitting_stages(config, hf_config, gpus, gpu_memory, shape)
+        if smallest is None:  # how many GPUs (one stage each) would it take?
+            most = hf_config.num_hidden_layers + 2
+            needed = next((n for n in range(gpus + 1, most + 1)
+                           if plan(config, hf_config, n, gpu_memory, n, shape).fits), None)
+            smallest = f"none on {gpus} GPU(s); " + (f"pipeline_stages = {needed} on {needed} GPUs fits" if needed
+                                                    else "no number of stages fits")
+        text.append(f"smallest pipeline_stages that fits: {smallest}")
     return "\n".join(text)
 
 
@@ -249,3 +263,27 @@ def run_summary_line(result: Plan) -> str:
     """The one line `craft train` prints at start."""
     stages = ", ".join(f"{stage.total / GIB:.2f}" for stage in result.stages)
     return f"craft train: predicted peak memory per stage (GiB, `craft plan` for the terms): {stages}"
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("config", help="TOML training config (only model_dir/config.json is read, no weights)")
+    parser.add_argument("--gpus", type=int, default=None, help="number of GPUs (default: pipeline_stages)")
+    parser.add_argument("--gpu-memory", dest="gpu_memory", default=None, metavar="SIZE",
+                        help="memory of one GPU, e.g. 24GiB; then say whether the job fits and the smallest "
+                             "pipeline_stages that does")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a top-level config key, as in `craft train`")
+
+
+def run(args) -> int:
+    from craft.engine.config import load_config
+    from craft.engine.model import read_hf_config
+
+    config = load_config(args.config, args.overrides)
+    if args.gpus is not None and args.gpus < 1:
+        raise UserError(f"--gpus must be at least 1, got {args.gpus}")
+    gpu_memory = parse_size(args.gpu_memory) if args.gpu_memory is not None else None
+    hf_config = read_hf_config(config.model_dir, config.sequence_len)
+    config.layer_indices(hf_config.num_hidden_layers)
+    print(describe(config, hf_config, args.gpus, gpu_memory))
+    return 0

@@ -281,9 +281,21 @@ def train(config: TrainConfig, resume: str | None = None, show_progress: bool = 
     with contextlib.ExitStack() as stack:
         with swallow_stdout(verbose):
             rank, world = stack.enter_context(distributed_world())
+        if rank == 0 and show_progress:
+            print(memory_plan(config, hf_config, world), flush=True)
+        with swallow_stdout(verbose):
             run = TrainingRun(config, rank, world)
             run.start(resume, show_progress)
         return run.loop()
+
+
+def memory_plan(config: TrainConfig, hf_config, world: int) -> str:
+    """`craft plan`'s prediction for this run (with this GPU's memory on CUDA), printed when training starts."""
+    from craft.engine.plan import describe
+
+    gpu_memory = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory \
+        if torch.cuda.is_available() else None
+    return "craft plan: " + describe(config, hf_config, world, gpu_memory)
 
 
 class TrainingRun:
