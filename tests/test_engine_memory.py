@@ -5,6 +5,8 @@ and they really do keep less (saved-tensor bytes counted, offload copies observe
 
 from __future__ import annotations
 
+import weakref
+
 import pytest
 import torch
 from test_engine_fixtures import write_model
@@ -107,7 +109,7 @@ def test_chunked_loss_equals_the_plain_loss_with_ignored_tokens():
 
     def run(chunk_size):
         hidden.grad = weight.grad = None
-        loss = causal_lm_loss(hidden, labels, lambda h: torch.tanh(h @ weight.T / 3) * 3, chunk_size)
+        loss = causal_lm_loss(hidden, labels, lambda h: torch.tanh(h @ weight.T / 3) * 3, chunk_size, [weight])
         loss.backward()
         return loss.detach(), hidden.grad.clone(), weight.grad.clone()
 
@@ -118,25 +120,34 @@ def test_chunked_loss_equals_the_plain_loss_with_ignored_tokens():
     for chunk_size in (1, 4, 9, 30, 1000):
         for ours, theirs in zip(run(chunk_size), plain):
             torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=1e-5)
-    assert torch.isnan(causal_lm_loss(hidden, torch.full_like(labels, -100), lambda h: h @ weight.T, 4))
+    assert torch.isnan(causal_lm_loss(hidden, torch.full_like(labels, -100), lambda h: h @ weight.T, 4, [weight]))
+    with torch.no_grad():  # evaluation: chunks only summed
+        torch.testing.assert_close(causal_lm_loss(hidden, labels, lambda h: torch.tanh(h @ weight.T / 3) * 3, 4,
+                                                  [weight]), plain[0], atol=1e-6, rtol=1e-5)
+    head = torch.nn.Linear(8, 50, bias=False)  # a module: its parameters are found without being named
+    head.weight.data.copy_(weight.detach())
+    hidden.grad = None
+    causal_lm_loss(hidden, labels, head, 4).backward()
+    reference_weight = torch.autograd.grad(causal_lm_loss(hidden, labels, lambda h: h @ weight.T, 0), weight)[0]
+    torch.testing.assert_close(head.weight.grad, reference_weight, atol=1e-6, rtol=1e-5)
 
 
 class SavedBytes(torch.autograd.graph.saved_tensors_hooks):
-    """Counts the bytes of the distinct storages saved for backward while active."""
+    """Bytes of the distinct storages saved for backward while active and still held by the graph afterwards."""
 
     def __init__(self):
-        self.storages = {}
+        self.saved = {}
 
         def pack(tensor):
             storage = tensor.untyped_storage()
-            self.storages[storage.data_ptr()] = storage.nbytes()
+            self.saved[storage.data_ptr()] = (weakref.ref(tensor), storage.nbytes())
             return tensor
 
         super().__init__(pack, lambda tensor: tensor)
 
     @property
     def total(self) -> int:
-        return sum(self.storages.values())
+        return sum(nbytes for ref, nbytes in self.saved.values() if ref() is not None)
 
 
 def test_checkpointing_keeps_only_layer_inputs_and_offload_copies_them(tmp_path, monkeypatch):
@@ -150,12 +161,13 @@ def test_checkpointing_keeps_only_layer_inputs_and_offload_copies_them(tmp_path,
     for mode in (False, True):
         saved = SavedBytes()
         with saved:
-            sequential_loss(stage, ids, ids, checkpointing=mode, chunk_size=16)
+            loss = sequential_loss(stage, ids, ids, checkpointing=mode, chunk_size=16)
         measured[mode] = saved.total
+        del loss
     activation = batch * seq * hidden * 4
-    # checkpointed: 4 layer inputs; the ints (classes, mask) are the same two tensors for every layer; the chunk
-    # inputs are views of the final norm's output; the norm itself saves its input (the last layer's output) and a
-    # float32 copy, and the embedding its ids.
+    # checkpointed: 4 layer inputs; the ints (classes, mask) are the same two tensors for every layer; the norm
+    # saves its input (the last layer's output) and its normalised output, the embedding its ids; the chunked
+    # loss keeps gradients, not saved tensors.
     layer_inputs = 4 * activation + 2 * batch * seq * 8
     assert layer_inputs <= measured[True] <= layer_inputs + 4 * activation
     assert measured[False] > 4 * measured[True]

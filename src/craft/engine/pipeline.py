@@ -15,7 +15,8 @@ Per item:
 * head — the final norm, returning normed hidden states (batch, seq, hidden); `HeadPipe.logits` applies
   `lm_head`, then Cohere's `logit_scale` or Gemma 2's final logit softcapping `cap * tanh(logits / cap)`;
 * loss — `craft.engine.loss.causal_lm_loss`: token-mean next-token cross entropy in float32, ignoring -100 (HF's
-  `ForCausalLMLoss`), over chunks of `chunk_size` tokens whose logits are recomputed in backward (0 = all at once).
+  `ForCausalLMLoss`), over chunks of `chunk_size` tokens, each chunk's logits freed before the next (0 = all at
+  once).
 
 Activation checkpointing (`checkpointing`): True runs each decoder layer under `torch.utils.checkpoint`
 (non-reentrant), so a layer keeps only its inputs `(hidden, classes, mask)` and recomputes the rest in backward;
@@ -179,7 +180,7 @@ class HeadLoss:
         self.head, self.chunk_size = None, chunk_size
 
     def __call__(self, normed: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return causal_lm_loss(normed, labels, self.head.logits, self.chunk_size)
+        return causal_lm_loss(normed, labels, self.head.logits, self.chunk_size, self.head.lm_head.parameters())
 
 
 class HeadPipe(nn.Module):
@@ -263,4 +264,4 @@ def sequential_loss(stage: StageModel, input_ids: torch.Tensor, labels: torch.Te
                     checkpointing: bool | str = False, chunk_size: int = 0) -> torch.Tensor:
     """The pipeline's training loss of one micro-batch, every item run in one process."""
     normed, head = sequential_forward(stage, input_ids, control_classes, aux_meter, checkpointing)
-    return causal_lm_loss(normed, labels, head.logits, chunk_size)
+    return causal_lm_loss(normed, labels, head.logits, chunk_size, head.lm_head.parameters())
