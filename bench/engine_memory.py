@@ -36,13 +36,13 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, report  # noqa: E402
 
-HIDDEN, LAYERS, VOCAB, RANK, STEPS = 256, 8, 128256, 16, 3
+HIDDEN, LAYERS, VOCAB, STEPS = 256, 8, 128256, 3
+from engine_throughput import ALPHA, RANK  # noqa: E402  (the same LoRA as the throughput benchmark)
 CONFIGS = {"naive": ("false", 0), "ckpt": ("true", 0), "ckpt+chunk": ("true", 256),
            "offload": ('"offload"', 256)}
 GIB = 2 ** 30
@@ -72,7 +72,7 @@ def setup(root: Path) -> Path:
 model_dir = "{root / 'model'}"
 output_dir = "{root / 'out'}"
 lora_rank = {RANK}
-lora_alpha = 4.0
+lora_alpha = {ALPHA}
 lr = 1e-4
 sequence_len = 512
 model_dtype = "{dtype}"
@@ -108,40 +108,13 @@ def child_craft(config_path: str, length: int, name: str) -> dict:
 
 
 def child_hf(config_path: str, length: int) -> dict:
-    import torch
-    from datasets import Dataset
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback, TrainingArguments
+    from engine_throughput import hf_lora_step_times
 
-    from craft.engine.config import load_config
-    from craft.engine.data import build_rows
-    from craft.engine.model import DTYPES, linear_module_names
-
-    config = load_config(config_path, [f"sequence_len={length}"])
-    rows = build_rows(config, AutoTokenizer.from_pretrained(config.model_dir))
-    dataset = Dataset.from_dict({k: rows[k] for k in ("input_ids", "labels", "attention_mask")})
-    model = AutoModelForCausalLM.from_pretrained(config.model_dir, dtype=DTYPES[config.model_dtype])
-    model = get_peft_model(model, LoraConfig(r=RANK, lora_alpha=4.0, target_modules=linear_module_names(model),
-                                             task_type="CAUSAL_LM"))
-
-    class StepTimer(TrainerCallback):
-        def __init__(self):
-            self.times, self.start = [], None
-
-        def on_step_begin(self, args, state, control, **kwargs):
-            self.start = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kwargs):
-            self.times.append(time.perf_counter() - self.start)
-
-    timer = StepTimer()
-    args = TrainingArguments(output_dir=str(Path(config_path).parent / "hf"), per_device_train_batch_size=1,
-                             gradient_accumulation_steps=1, max_steps=STEPS, learning_rate=1e-4,
-                             activation_checkpointing=True, use_cpu=not torch.cuda.is_available(),
-                             bf16=torch.cuda.is_available(), report_to=[], save_strategy="no",
-                             logging_strategy="no", dataloader_num_workers=0, disable_tqdm=True, seed=42)
-    Trainer(model=model, args=args, train_dataset=dataset, callbacks=[timer]).train()
-    return {"peak": _peak_bytes(), "step_seconds": statistics.median(timer.times[1:])}
+    path = Path(config_path)
+    sized = path.with_name(f"config_{length}.toml")
+    sized.write_text(path.read_text().replace("sequence_len = 512", f"sequence_len = {length}"))
+    times = hf_lora_step_times(sized, STEPS, 1, activation_checkpointing=True)
+    return {"peak": _peak_bytes(), "step_seconds": statistics.median(times[1:])}
 
 
 def child_loss(length: int) -> dict:

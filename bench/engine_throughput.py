@@ -85,18 +85,25 @@ def craft_step_seconds(config_path: Path, tag: str) -> float:
 
 def hf_step_seconds(config_path: Path, steps: int) -> float:
     """Median optimizer-step time of HF Trainer + PEFT LoRA on the same rows (first two steps excluded)."""
+    return statistics.median(hf_lora_step_times(config_path, steps, ACCUMULATION)[2:])
+
+
+def hf_lora_step_times(config_path: Path, steps: int, accumulation: int, **training_args) -> list[float]:
+    """Step times of HF Trainer + PEFT LoRA (rank RANK, alpha ALPHA, every linear map of the decoder layers) on
+    the rows `craft train` builds from `config_path`, in the config's model dtype; `training_args` are passed on
+    to `TrainingArguments` (e.g. activation_checkpointing=True)."""
     from datasets import Dataset
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback, TrainingArguments
 
     from craft.engine.config import load_config
     from craft.engine.data import build_rows
-    from craft.engine.model import linear_module_names
+    from craft.engine.model import DTYPES, linear_module_names
 
     config = load_config(config_path)
     rows = build_rows(config, AutoTokenizer.from_pretrained(config.model_dir))
     dataset = Dataset.from_dict({k: rows[k] for k in ("input_ids", "labels", "attention_mask")})
-    model = AutoModelForCausalLM.from_pretrained(config.model_dir, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(config.model_dir, dtype=DTYPES[config.model_dtype])
     model = get_peft_model(model, LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=linear_module_names(model),
                                              task_type="CAUSAL_LM"))
 
@@ -111,12 +118,14 @@ def hf_step_seconds(config_path: Path, steps: int) -> float:
             self.times.append(time.perf_counter() - self.start)
 
     timer = StepTimer()
+    settings = dict(use_cpu=not torch.cuda.is_available(), bf16=config.model_dtype == "bfloat16")
+    settings.update(training_args)
     args = TrainingArguments(output_dir=str(config_path.parent / "hf"), per_device_train_batch_size=1,
-                             gradient_accumulation_steps=ACCUMULATION, max_steps=steps, learning_rate=1e-4,
-                             use_cpu=True, bf16=False, report_to=[], save_strategy="no", logging_strategy="no",
-                             dataloader_num_workers=0, disable_tqdm=True, seed=42)
+                             gradient_accumulation_steps=accumulation, max_steps=steps, learning_rate=1e-4,
+                             report_to=[], save_strategy="no", logging_strategy="no", dataloader_num_workers=0,
+                             disable_tqdm=True, seed=42, **settings)
     Trainer(model=model, args=args, train_dataset=dataset, callbacks=[timer]).train()
-    return statistics.median(timer.times[2:])
+    return timer.times
 
 
 def decoder_and_head_params(model_dir: Path) -> int:
