@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # TORCH_SPEC can select another build (e.g. a CUDA wheel index via PIP_EXTRA_INDEX_URL) on a GPU machine.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install demo demo-craft test bench clean
+.PHONY: install demo demo-craft test test-compat bench clean
 
 install: $(VENV)/.installed
 
@@ -27,6 +27,10 @@ demo-craft: install
 
 test: install
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q tests
+
+# contrastive-ft 0.4.3's own test suite against this package (downloads its sdist; not part of `make test`).
+test-compat: install
+	HF_HUB_OFFLINE=1 $(BIN)/python compat/run_original_tests.py
 
 bench: install
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/run_all.py

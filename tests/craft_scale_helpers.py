@@ -14,14 +14,17 @@ from craft.testing import toy_chat_rows as chat_rows, toy_pair_rows as pair_rows
 COLLATE = CRAFTCollator(pad_token_id=3)
 
 
-def craft_trainer(output_dir, strategy: str = "paired_dataset", model=None, **config):
+def craft_trainer(output_dir, strategy: str = "paired_dataset", model=None, contrastive_rows=None, **config):
     """A CRAFTSFTTrainer on a tiny Llama with 8 SFT rows and 8 contrastive pairs (or self-align rows)."""
     sft = Dataset.from_list(chat_rows(8, seed=1))
-    contrastive = Dataset.from_list(pair_rows(8, seed=2)) if strategy == "paired_dataset" else None
-    bundle = make_craft_datasets(sft, contrastive_dataset=contrastive, strategy=strategy)
+    if contrastive_rows is None and strategy == "paired_dataset":
+        contrastive_rows = pair_rows(8, seed=2)
+    contrastive = Dataset.from_list(contrastive_rows) if contrastive_rows is not None else None
+    bundle = make_craft_datasets(sft, contrastive_dataset=contrastive, strategy=strategy,
+                                 contrastive_keys=config.get("craft_contrastive_keys"))
     settings = dict(output_dir=str(output_dir), per_device_train_batch_size=2, use_cpu=True, report_to=[],
                     bf16=False, learning_rate=1e-2, logging_steps=1, save_strategy="no", seed=0, disable_tqdm=True,
-                    craft_projection_dim=16, craft_temperature=0.1, max_grad_norm=0.0)
+                    craft_projection_dim=16, craft_temperature=0.1, craft_beta=0.5, max_grad_norm=0.0)
     settings.update(config)
     return CRAFTSFTTrainer(model=model if model is not None else tiny_model("llama"), args=CRAFTSFTConfig(**settings),
                            train_dataset=sft, craft_bundle=bundle, data_collator=COLLATE,

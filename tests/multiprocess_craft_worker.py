@@ -47,14 +47,15 @@ def run(mode: str, out: str) -> dict:
     args = CRAFTSFTConfig(output_dir=os.path.join(out, mode), per_device_train_batch_size=2,
                           gradient_accumulation_steps=2, max_steps=3, use_cpu=True, report_to=[], bf16=False,
                           learning_rate=1e-2, logging_steps=1, save_strategy="no", seed=0, disable_tqdm=True,
-                          craft_projection_dim=16, craft_temperature=0.1, ddp_backend="gloo", **settings)
+                          craft_projection_dim=16, craft_temperature=0.1, ddp_backend="gloo",
+                          **{"craft_beta": 0.5, **settings})
     trainer = CRAFTSFTTrainer(model=tiny_model("llama"), args=args, train_dataset=sft, craft_bundle=bundle,
                               data_collator=CRAFTCollator(pad_token_id=3), processing_class=make_tokenizer())
     rows = []
     original = trainer.compute_loss
 
     def recording_compute_loss(model, inputs, *a, **k):
-        if inputs.get("craft_batch_type") == "contrastive" or strategy == "self_align":
+        if inputs.get("craft_batch_type") == "craft" or strategy == "self_align":
             rows.extend(map(tuple, inputs["input_ids"].tolist()))
         return original(model, inputs, *a, **k)
 

@@ -8,13 +8,19 @@ import pytest
 from craft.config import CRAFTSFTConfig, CRAFTTrainingArguments, craft_field_names
 from craft.errors import UserError
 
-README_DEFAULTS = {
-    "craft_alpha": 0.6, "craft_beta": 0.5, "craft_beta_mode": "fixed", "craft_length_strategy": "oversample",
+README_DEFAULTS = {  # contrastive-ft 0.4.3's defaults, except craft_assistant_mask_key and craft_report_metrics
+    "craft_alpha": 0.6, "craft_beta": 0.6, "craft_beta_mode": "fixed", "craft_length_strategy": "oversample",
     "craft_contrastive_batch_size": None, "craft_temperature": 0.05, "craft_learnable_temperature": False,
     "craft_projection_dim": 256, "craft_projection_dropout": 0.0, "craft_pooling": "last_token",
-    "craft_use_hidden_state_hook": True, "craft_use_gradcache": False, "craft_gradcache_chunk_size": 8,
+    "craft_use_hidden_state_hook": True, "craft_use_gradcache": False, "craft_gradcache_chunk_size": 4,
     "craft_negative_strategy": "in_batch", "craft_negative_queue_size": 65536, "craft_gather_negatives": None,
     "craft_gradient_balancing": "none", "craft_assistant_mask_key": "assistant_mask", "craft_report_metrics": True,
+    "craft_assistant_mask_strategy": "auto",
+    "craft_contrastive_keys": {"anchor_input_ids": "input_ids", "anchor_attention_mask": "attention_mask",
+                               "anchor_labels": "labels", "positive_input_ids": "input_ids_tgt",
+                               "positive_attention_mask": "attention_mask_tgt"},
+    "craft_loss_scale_momentum": 0.99, "craft_gradnorm_alpha": 1.5, "craft_gradient_clip_per_task": False,
+    "craft_gradient_clip_value": 1.0, "craft_debug": False,
 }
 
 
@@ -47,7 +53,11 @@ def test_report_metrics_selection():
     ("craft_temperature", 0.0), ("craft_temperature", -1), ("craft_projection_dim", 0),
     ("craft_projection_dropout", 1.0), ("craft_pooling", "max"), ("craft_gradcache_chunk_size", 0),
     ("craft_negative_strategy", "hard"), ("craft_negative_queue_size", -5), ("craft_gradient_balancing", "adam"),
-    ("craft_learnable_temperature", "yes"), ("craft_gather_negatives", 1), ("craft_assistant_mask_key", ""), ("craft_report_metrics", ["loss"]),
+    ("craft_learnable_temperature", "yes"), ("craft_gather_negatives", 1), ("craft_assistant_mask_key", ""),
+    ("craft_report_metrics", ["loss"]), ("craft_assistant_mask_strategy", "guess"),
+    ("craft_contrastive_keys", {"anchor_ids": "q"}), ("craft_contrastive_keys", {"anchor_input_ids": ""}),
+    ("craft_loss_scale_momentum", 1.0), ("craft_gradnorm_alpha", 0), ("craft_gradient_clip_value", -1.0),
+    ("craft_gradient_clip_per_task", 1), ("craft_debug", "on"),
 ])
 def test_invalid_value_names_the_key(key, value):
     with pytest.raises(UserError, match=f"^{key}: "):

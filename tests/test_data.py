@@ -120,9 +120,10 @@ def _loader(tag, n):
     return [{"tag": tag, "index": torch.tensor([i])} for i in range(n)]
 
 
-def _rule(k, beta):
-    beta = Fraction(beta)
-    return math.floor((k + 1) * beta) > math.floor(k * beta)
+def _rule(k, gamma):
+    """Whether micro-batch k is contrastive for the contrastive fraction gamma = 1 - beta."""
+    gamma = Fraction(gamma)
+    return math.floor((k + 1) * gamma) > math.floor(k * gamma)
 
 
 def _run(mixed):
@@ -132,51 +133,52 @@ def _run(mixed):
     return batches
 
 
-@pytest.mark.parametrize("beta", [0, 0.25, 0.5, 0.75, 1])
+@pytest.mark.parametrize("gamma", [0, 0.25, 0.5, 0.75, 1])  # contrastive fraction, beta = 1 - gamma
 @pytest.mark.parametrize("ga", [1, 2, 4, 8])
 @pytest.mark.parametrize("n_sft,n_con", [(7, 3), (3, 11), (5, 5)])
-def test_oversample_follows_the_schedule_rule_and_consumes_everything(beta, ga, n_sft, n_con):
-    mixed = CRAFTMixedDataLoader(_loader("s", n_sft), _loader("c", n_con), beta=beta, gradient_accumulation_steps=ga)
+def test_oversample_follows_the_schedule_rule_and_consumes_everything(gamma, ga, n_sft, n_con):
+    mixed = CRAFTMixedDataLoader(_loader("s", n_sft), _loader("c", n_con), beta=1 - gamma,
+                                 gradient_accumulation_steps=ga)
     batches = _run(mixed)
     for k, batch in enumerate(batches):
-        expected = "contrastive" if _rule(k, beta) else "sft"
-        assert batch["craft_batch_type"] == expected == ("contrastive" if batch["tag"] == "c" else "sft")
-        assert is_contrastive_step(k, beta) == (expected == "contrastive")
+        expected = "craft" if _rule(k, gamma) else "sft"
+        assert batch["craft_batch_type"] == expected == ("craft" if batch["tag"] == "c" else "sft")
+        assert is_contrastive_step(k, 1 - gamma) == (expected == "craft")
     sft_seen = [int(b["index"]) for b in batches if b["tag"] == "s"]
     con_seen = [int(b["index"]) for b in batches if b["tag"] == "c"]
-    if beta < 1:
+    if gamma < 1:
         assert set(sft_seen) == set(range(n_sft))  # no SFT batch skipped
         assert sft_seen[:n_sft] == list(range(n_sft))  # in order, before any restart
-    if beta > 0:
+    if gamma > 0:
         assert set(con_seen) == set(range(n_con))
     # minimal: dropping the last micro-batch would leave a loader not fully consumed
     last = batches[-1]["tag"]
     seen_last = sft_seen if last == "s" else con_seen
     assert len(seen_last) == (n_sft if last == "s" else n_con)
-    # each accumulation window holds floor((w+1)·GA·β) − floor(w·GA·β) contrastive micro-batches
+    # each accumulation window holds floor((w+1)·GA·γ) − floor(w·GA·γ) contrastive micro-batches
     for w, (n_s, n_c) in enumerate(mixed.windows()):
         size = min(ga, len(batches) - w * ga)
         assert n_s + n_c == size
-        assert n_c == math.floor((w * ga + size) * Fraction(beta)) - math.floor(w * ga * Fraction(beta))
+        assert n_c == math.floor((w * ga + size) * Fraction(gamma)) - math.floor(w * ga * Fraction(gamma))
 
 
-@pytest.mark.parametrize("beta", [0.25, 0.5, 0.75])
-def test_ga1_alternates_both_objectives(beta):
-    types = CRAFTMixedDataLoader(_loader("s", 8), _loader("c", 8), beta=beta).schedule()
-    assert "sft" in types[:4] and "contrastive" in types[:4]
+@pytest.mark.parametrize("gamma", [0.25, 0.5, 0.75])
+def test_ga1_alternates_both_objectives(gamma):
+    types = CRAFTMixedDataLoader(_loader("s", 8), _loader("c", 8), beta=1 - gamma).schedule()
+    assert "sft" in types[:4] and "craft" in types[:4]
 
 
-@pytest.mark.parametrize("beta", [0, 0.25, 0.5, 0.75, 1])
+@pytest.mark.parametrize("gamma", [0, 0.25, 0.5, 0.75, 1])  # contrastive fraction, beta = 1 - gamma
 @pytest.mark.parametrize("n_sft,n_con", [(7, 3), (3, 11), (6, 2)])
-def test_cap_stops_before_any_restart(beta, n_sft, n_con):
-    mixed = CRAFTMixedDataLoader(_loader("s", n_sft), _loader("c", n_con), beta=beta, length_strategy="cap")
+def test_cap_stops_before_any_restart(gamma, n_sft, n_con):
+    mixed = CRAFTMixedDataLoader(_loader("s", n_sft), _loader("c", n_con), beta=1 - gamma, length_strategy="cap")
     batches = _run(mixed)
     for k, batch in enumerate(batches):
-        assert batch["craft_batch_type"] == ("contrastive" if _rule(k, beta) else "sft")
+        assert batch["craft_batch_type"] == ("craft" if _rule(k, gamma) else "sft")
     sft = [int(b["index"]) for b in batches if b["tag"] == "s"]
     con = [int(b["index"]) for b in batches if b["tag"] == "c"]
     assert sft == list(range(len(sft))) and con == list(range(len(con)))  # nothing repeated
-    nxt = "c" if _rule(len(batches), beta) else "s"
+    nxt = "c" if _rule(len(batches), gamma) else "s"
     assert (len(con) == n_con) if nxt == "c" else (len(sft) == n_sft)  # the next batch would need a restart
 
 
@@ -185,13 +187,13 @@ def test_cap_stops_before_any_restart(beta, n_sft, n_con):
 def test_auto_beta_caps_and_ends_both_loaders_together(n_sft, n_con, ga):
     mixed = CRAFTMixedDataLoader(_loader("s", n_sft), _loader("c", n_con), beta=0.5, gradient_accumulation_steps=ga,
                                  length_strategy="auto_beta")
-    assert mixed.beta == pytest.approx(n_con / (n_con + n_sft))
+    assert mixed.beta == pytest.approx(n_sft / (n_con + n_sft))
     batches = _run(mixed)
     assert len(batches) == n_sft + n_con
     assert sorted(int(b["index"]) for b in batches if b["tag"] == "s") == list(range(n_sft))
     assert sorted(int(b["index"]) for b in batches if b["tag"] == "c") == list(range(n_con))
     for k, batch in enumerate(batches):
-        assert batch["craft_batch_type"] == ("contrastive" if _rule(k, Fraction(n_con, n_con + n_sft)) else "sft")
+        assert batch["craft_batch_type"] == ("craft" if _rule(k, Fraction(n_con, n_con + n_sft)) else "sft")
     auto_mode = CRAFTMixedDataLoader(_loader("s", n_sft), _loader("c", n_con), beta=0.9, beta_mode="auto")
     assert auto_mode.beta == mixed.beta and auto_mode.schedule() == mixed.schedule()
 
@@ -199,18 +201,19 @@ def test_auto_beta_caps_and_ends_both_loaders_together(n_sft, n_con, ga):
 def test_error_strategy_raises_only_when_lengths_diverge():
     with pytest.raises(UserError, match="do not match the beta schedule"):
         CRAFTMixedDataLoader(_loader("s", 7), _loader("c", 3), beta=0.5, length_strategy="error")
-    mixed = CRAFTMixedDataLoader(_loader("s", 6), _loader("c", 2), beta=0.25, length_strategy="error")
+    mixed = CRAFTMixedDataLoader(_loader("s", 6), _loader("c", 2), beta=0.75, length_strategy="error")
     assert len(_run(mixed)) == 8
     mixed = CRAFTMixedDataLoader(_loader("s", 4), _loader("c", 4), beta=0.5, length_strategy="error")
     assert len(_run(mixed)) == 8
 
 
 def test_beta_extremes_need_only_one_loader_and_bad_arguments_are_errors():
-    assert _run(CRAFTMixedDataLoader(_loader("s", 4), None, beta=0)) and \
-        CRAFTMixedDataLoader(_loader("s", 4), None, beta=0).schedule() == ["sft"] * 4
-    assert CRAFTMixedDataLoader(None, _loader("c", 3), beta=1).schedule() == ["contrastive"] * 3
-    with pytest.raises(UserError, match="contrastive loader is missing or empty"):
-        CRAFTMixedDataLoader(_loader("s", 4), None, beta=0.5)
+    assert _run(CRAFTMixedDataLoader(_loader("s", 4), None, beta=1)) and \
+        CRAFTMixedDataLoader(_loader("s", 4), None, beta=1).schedule() == ["sft"] * 4
+    assert CRAFTMixedDataLoader(_loader("s", 4), None, beta=0.5).schedule() == ["sft"] * 4  # nothing to mix in
+    assert CRAFTMixedDataLoader(None, _loader("c", 3), beta=0).schedule() == ["craft"] * 3
+    with pytest.raises(UserError, match="SFT loader is missing or empty"):
+        CRAFTMixedDataLoader(None, _loader("c", 3), beta=0.5)
     with pytest.raises(UserError, match="oversample, cap, auto_beta, error"):
         CRAFTMixedDataLoader(_loader("s", 4), _loader("c", 4), beta=0.5, length_strategy="zip")
     with pytest.raises(UserError, match=r"\[0, 1\]"):
@@ -229,7 +232,7 @@ def test_with_real_dataloaders_collator_and_set_epoch():
     batches = _run(mixed)
     assert len(batches) == 9
     for batch in batches:
-        if batch["craft_batch_type"] == "contrastive":
+        if batch["craft_batch_type"] == "craft":
             assert {"input_ids", "attention_mask", "input_ids_tgt", "attention_mask_tgt"} <= set(batch)
         else:
             assert batch["labels"].shape == batch["input_ids"].shape

@@ -36,17 +36,27 @@ def test_loss_scale_divides_by_the_running_mean():
     assert restored.weight(0) == pytest.approx(1 / 3) and restored.momentum == 0.5
 
 
+def _set_log_variances(balancer, values):
+    with torch.no_grad():
+        for name, value in zip(balancer.task_names, values):
+            balancer.log_vars[name].fill_(value)
+
+
+def _log_variance_grads(balancer):
+    return [float(balancer.log_vars[name].grad) if balancer.log_vars[name].grad is not None else 0.0
+            for name in balancer.task_names]
+
+
 def test_uncertainty_objective_and_gradients_by_hand():
     balancer = UncertaintyBalancer(2)
-    with torch.no_grad():
-        balancer.log_variance.copy_(torch.tensor([0.5, -0.2]))
+    _set_log_variances(balancer, [0.5, -0.2])
     losses = [torch.tensor(2.0), torch.tensor(0.7)]
     objective = balancer.objective(losses, [0.6, 0.4])
     expected = 0.6 * (math.exp(-0.5) * 2.0 + 0.5) + 0.4 * (math.exp(0.2) * 0.7 - 0.2)
     assert float(objective.detach()) == pytest.approx(expected, rel=1e-6)
     objective.backward()
     expected_grad = [0.6 * (1 - math.exp(-0.5) * 2.0), 0.4 * (1 - math.exp(0.2) * 0.7)]
-    assert balancer.log_variance.grad.tolist() == pytest.approx(expected_grad, rel=1e-6)
+    assert _log_variance_grads(balancer) == pytest.approx(expected_grad, rel=1e-6)
     assert float(balancer.weight(0).detach()) == pytest.approx(math.exp(-0.5))
 
 
@@ -56,7 +66,7 @@ def test_uncertainty_task_objective_sums_over_units():
     term = balancer.task_objective(1, torch.tensor(6.0), units=3)
     term.backward()
     assert float(term.detach()) == pytest.approx(6.0)
-    assert float(balancer.log_variance.grad[1]) == pytest.approx(3 - 6.0)
+    assert _log_variance_grads(balancer)[1] == pytest.approx(3 - 6.0)
 
 
 def test_uncertainty_log_variances_converge_to_log_loss():
@@ -205,8 +215,7 @@ def test_balanced_scaler_uncertainty_terms():
     from craft.accumulator import AccumulationScaler, WindowCounts
 
     balancing = GradientBalancing("uncertainty", alpha=0.6)
-    with torch.no_grad():
-        balancing.module.log_variance.copy_(torch.tensor([0.3, -0.1]))
+    _set_log_variances(balancing.module, [0.3, -0.1])
     scaler = BalancedScaler(AccumulationScaler(0.6, WindowCounts(sft_tokens=10, contrastive_terms=2)), balancing)
     token_sum, con = torch.tensor(25.0), torch.tensor(1.5)
     loss = scaler.micro_batch_loss(sft_token_sum=token_sum, contrastive_loss=con, sft_tokens=4)
@@ -255,10 +264,10 @@ def test_trainer_uncertainty_log_variances_are_trained_and_saved(tmp_path):
     trainer.train()
     s = trainer.craft_modules.balancing.log_variance.detach()
     in_optimizer = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
-    assert id(trainer.craft_modules.balancing.log_variance) in in_optimizer
+    assert all(id(p) in in_optimizer for p in trainer.craft_modules.balancing.log_vars.values())
     assert float(s.abs().min()) > 0  # both moved away from 0
     last = [e for e in trainer.state.log_history if "balancing/craft_weight_sft" in e][-1]
-    assert "balancing.log_variance" in trainer.craft_state_dict()["modules"]
+    assert {"balancing.log_vars.sft", "balancing.log_vars.contrastive"} <= set(trainer.craft_state_dict()["modules"])
     assert last["balancing/craft_weight_sft"] > 0
 
 

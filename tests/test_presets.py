@@ -29,7 +29,7 @@ def test_preset_overrides_win_and_classmethod(tmp_path):
 
 
 def test_preset_errors_name_the_problem(tmp_path):
-    with pytest.raises(UserError, match="unknown CRAFT preset 'fast'.*minimal, balanced"):
+    with pytest.raises(UserError, match="Unknown preset 'fast'.*minimal, balanced"):
         config_from_preset(CRAFTTrainingArguments, "fast", str(tmp_path))
     with pytest.raises(UserError, match="no setting 'craft_alfa'"):
         config_from_preset(CRAFTTrainingArguments, "minimal", str(tmp_path), craft_alfa=0.3)
@@ -51,16 +51,17 @@ def test_auto_choices_with_plenty_of_memory(tmp_path, caplog):
     model = tiny_model("llama")
     with caplog.at_level(logging.INFO, logger="craft.presets"):
         args = auto_config(CRAFTTrainingArguments, str(tmp_path), model, _rows(40, 6),
-                           contrastive_dataset=_rows(120, 8), available_memory_gb=64,
+                           contrastive_dataset=_rows(60, 8), available_memory_gb=64,
                            per_device_train_batch_size=4, **COMMON)
-    assert args.craft_projection_dim == 32  # hidden 64 -> 32
-    # 120 / 4 = 30 contrastive micro-batches, 40 / 4 = 10 SFT ones: beta = 30 / 40
-    assert args.craft_beta == pytest.approx(0.75)
+    assert args.craft_projection_dim == 64  # hidden 64 -> 64 // 4 = 16, raised to the minimum 64
+    # 60 / 4 = 15 contrastive micro-batches, 40 / 4 = 10 SFT ones: beta (the SFT fraction) = 10 / 25
+    assert args.craft_beta == pytest.approx(0.4)
+    assert args.craft_gradient_balancing == "loss_scale"  # from the balanced preset
     assert args.craft_use_gradcache is False
     assert args.craft_negative_strategy == "in_batch"
     text = caplog.text
-    assert "craft_projection_dim=32 because hidden size 64" in text
-    assert "craft_beta=0.75 because 30 contrastive and 10 SFT micro-batches" in text
+    assert "craft_projection_dim=64 because hidden size 64" in text
+    assert "craft_beta=0.4 because 10 SFT and 15 contrastive micro-batches" in text
     assert "craft_use_gradcache=False because" in text
 
 
@@ -91,7 +92,7 @@ def test_auto_queue_for_large_contrastive_sets_and_overrides(tmp_path, caplog):
     assert args.craft_negative_queue_size == 8192  # largest power of two <= 10 000
     assert args.craft_projection_dim == 48
     assert "craft_projection_dim=48 kept from the overrides" in caplog.text
-    assert args.craft_beta == pytest.approx(0.9)  # 2500 vs 13 batches: clamped
+    assert args.craft_beta == pytest.approx(0.3)  # 13 SFT vs 2500 contrastive batches: clamped
 
 
 def test_auto_without_contrastive_dataset_and_classmethod(tmp_path, caplog):

@@ -110,9 +110,9 @@ def test_length_matching_config_trains_and_the_loss_falls(model_path, sft_datase
                               train_dataset=sft_dataset, craft_bundle=bundle, data_collator=CRAFTCollator())
     trainer.train()
     mixed = trainer.craft_mixed_loader
-    # 4 rows: 2 SFT batches of 2 and 1 contrastive batch of 4 -> beta = 1/3, capped epoch of 3 micro-batches
+    # 4 rows: 2 SFT batches of 2 and 1 contrastive batch of 4 -> beta = 2/3 (SFT), capped epoch of 3 micro-batches
     assert (mixed.num_sft_batches, mixed.num_contrastive_batches) == (2, 1)
-    assert mixed.beta == pytest.approx(1 / 3) and len(mixed) == 3
+    assert mixed.beta == pytest.approx(2 / 3) and len(mixed) == 3
     sft = [h["loss/craft_sft"] for h in trainer.state.log_history if "loss/craft_sft" in h]
     contrast = [h["loss/craft_contrast"] for h in trainer.state.log_history if "loss/craft_contrast" in h]
     assert len(sft) >= 2 and len(contrast) >= 2  # logged every 10 steps, each an average of its interval
@@ -127,7 +127,7 @@ def test_custom_data_loaders(model_path, sft_dataset, contrastive_dataset, tmp_p
     from craft.trainers import CRAFTSFTTrainer
 
     model = AutoModelForCausalLM.from_pretrained(model_path)
-    args = CRAFTSFTConfig(output_dir=str(tmp_path / "outputs"), use_cpu=True, report_to=[], max_steps=2)
+    args = CRAFTSFTConfig(output_dir=str(tmp_path / "outputs"), use_cpu=True, report_to=[], max_steps=3)
     bundle = make_craft_datasets(sft_dataset, contrastive_dataset=contrastive_dataset, strategy="paired_dataset")
     custom_sft_loader = DataLoader(sft_dataset.map(lambda row: {"labels": row["input_ids"]}), batch_size=3,
                                    collate_fn=CRAFTCollator())
@@ -154,7 +154,9 @@ def test_custom_data_loaders(model_path, sft_dataset, contrastive_dataset, tmp_p
     trainer.train()
     assert trainer.craft_mixed_loader.sft_loader is custom_sft_loader
     assert trainer.craft_mixed_loader.contrastive_loader is custom_contrast_loader
-    assert seen == [("sft", 3), ("contrastive", 1)]  # the custom batch sizes, not per_device_train_batch_size
+    # default beta 0.6 (SFT share): micro-batch 2 is the first contrastive one; the custom batch sizes, not
+    # per_device_train_batch_size
+    assert seen == [("sft", 3), ("sft", 1), ("craft", 1)]  # 4 SFT rows: batches of 3 and 1
 
 
 def _self_align_rows(form: str):

@@ -36,7 +36,7 @@ def _as_dataset(rows: list[dict]) -> Dataset:
 def _config(cls=CRAFTSFTConfig, **overrides):
     base = dict(output_dir="unused", per_device_train_batch_size=2, use_cpu=True, report_to=[], bf16=False,
                 learning_rate=1e-2, logging_steps=1, save_strategy="no", gradient_checkpointing=False,
-                craft_projection_dim=16, craft_temperature=0.1, seed=0, disable_tqdm=True)
+                craft_projection_dim=16, craft_temperature=0.1, craft_beta=0.5, seed=0, disable_tqdm=True)
     return cls(**{**base, **overrides})
 
 
@@ -71,7 +71,7 @@ def _window(strategy: str, beta: float, ga: int, start: int) -> list[dict]:
         rows = pair_rows if strategy == "paired_dataset" else self_align_rows
         rows = rows if contrastive else sft_rows
         batch = COLLATE(rows[2 * k:2 * k + 2])
-        batch["craft_batch_type"] = "contrastive" if contrastive else "sft"
+        batch["craft_batch_type"] = "craft" if contrastive else "sft"
         batches.append(batch)
     return batches
 
@@ -91,7 +91,7 @@ def _reference_infonce(modules, hidden_a, mask_a, hidden_p, mask_p):
 def _reference_pooled_infonce(modules, pooled_a, pooled_p):
     anchors = F.normalize(modules.projection(pooled_a), dim=-1)
     positives = F.normalize(modules.projection(pooled_p), dim=-1)
-    scale = modules.infonce.log_inv_temperature.exp()
+    scale = modules.infonce.logit_scale()
     return F.cross_entropy(scale * anchors @ positives.T, torch.arange(anchors.shape[0]))
 
 
@@ -102,7 +102,7 @@ def _reference_global_gradient(trainer, batches, alpha):
     sft = [b for b in batches if b["craft_batch_type"] == "sft"]
     pooled = {"": [], "_tgt": []}
     for batch in batches:
-        if batch["craft_batch_type"] == "contrastive":
+        if batch["craft_batch_type"] == "craft":
             for side in pooled:
                 _, hidden = _forward(trainer.model, batch["input_ids" + side], batch["attention_mask" + side])
                 pooled[side].append(_last_token(hidden, batch["attention_mask" + side]))
@@ -128,7 +128,7 @@ def _reference_terms(model, modules, batches, self_align):
             assistant = batch["labels"] != -100
             prompt = batch["attention_mask"].bool() & ~assistant
             terms.append(_reference_infonce(modules, hidden, prompt, hidden, assistant))
-        elif batch["craft_batch_type"] == "contrastive":
+        elif batch["craft_batch_type"] == "craft":
             _, hidden_p = _forward(model, batch["input_ids_tgt"], batch["attention_mask_tgt"])
             terms.append(_reference_infonce(modules, hidden, batch["attention_mask"], hidden_p,
                                             batch["attention_mask_tgt"]))
@@ -251,7 +251,7 @@ def test_full_train_loop_first_step_gradient_is_exact(tmp_path):
     trainer.add_callback(callback)
     start = [p.detach().clone() for p in _parameters(trainer)]
     trainer.train()
-    assert [b["craft_batch_type"] for b in windows[0]] == ["sft", "contrastive", "sft", "contrastive"]
+    assert [b["craft_batch_type"] for b in windows[0]] == ["sft", "craft", "sft", "craft"]
     with torch.no_grad():  # rewind to the weights the gradient was taken at
         for p, p0 in zip(_parameters(trainer), start):
             p.copy_(p0)
@@ -292,11 +292,11 @@ def test_logged_terms_are_the_objective(tmp_path):
         assert 0.0 <= entry["metrics/craft_contrastive_accuracy"] <= 1.0
         assert -1.0 <= entry["metrics/craft_representation_consistency"] <= 1.0
         assert entry["metrics/craft_temperature"] == pytest.approx(
-            trainer.craft_modules.infonce.temperature, rel=0.05)  # tau starts at 0.1 and moves slowly
+            float(trainer.craft_modules.infonce.temperature), rel=0.05)  # tau starts at 0.1 and moves slowly
 
 
 def test_report_metrics_subset(tmp_path):
-    trainer = _trainer("paired_dataset", output_dir=str(tmp_path), max_steps=2, craft_beta=1.0,
+    trainer = _trainer("paired_dataset", output_dir=str(tmp_path), max_steps=2, craft_beta=0.0,
                        craft_report_metrics=["contrastive_accuracy"])
     trainer.train()
     keys = set().union(*trainer.state.log_history)
@@ -357,14 +357,14 @@ def test_hook_and_output_hidden_states_give_the_same_loss():
 
 
 def test_epoch_length_counts_every_micro_batch(tmp_path):
-    trainer = _trainer("paired_dataset", output_dir=str(tmp_path), craft_beta=0.25, craft_contrastive_batch_size=4)
+    trainer = _trainer("paired_dataset", output_dir=str(tmp_path), craft_beta=0.75, craft_contrastive_batch_size=4)
     loader = trainer.get_train_dataloader()
-    # 4 SFT batches (8 rows / 2) and 2 contrastive ones (8 rows / 4); at beta=1/4 micro-batches 3 and 7 are
+    # 4 SFT batches (8 rows / 2) and 2 contrastive ones (8 rows / 4); at beta=3/4 micro-batches 3 and 7 are
     # contrastive, so oversampling until both loaders are used up takes 8 micro-batches (6 of them SFT)
     assert len(loader) == len(trainer.craft_mixed_loader) == 8
     batches = list(loader)
     assert [b["craft_batch_type"] for b in batches] == trainer.craft_mixed_loader.schedule()
-    assert all(b["input_ids"].shape[0] == 4 for b in batches if b["craft_batch_type"] == "contrastive")
+    assert all(b["input_ids"].shape[0] == 4 for b in batches if b["craft_batch_type"] == "craft")
 
 
 # ----------------------------------------------------------------------------------------------- validation
@@ -492,6 +492,6 @@ def test_two_process_ddp_gradient_is_the_global_objective_and_ranks_agree(tmp_pa
         trainer.craft_modules.load_state_dict(ranks[0]["craft_start"])
         trainer.model.train()
         union = ranks[0]["windows"] + ranks[1]["windows"]
-        assert [b["craft_batch_type"] for b in union] == ["sft", "contrastive"] * 2
+        assert [b["craft_batch_type"] for b in union] == ["sft", "craft"] * 2
         assert not torch.equal(ranks[0]["windows"][0]["input_ids"], ranks[1]["windows"][0]["input_ids"])  # sharded
         _assert_relative_close(ranks[0]["gradient"], _reference_global_gradient(trainer, union, 0.3))

@@ -31,7 +31,8 @@ import torch
 
 BATCH_TYPE_KEY = "craft_batch_type"
 SFT = "sft"
-CONTRASTIVE = "contrastive"
+CONTRASTIVE = "craft"  # contrastive-ft 0.4.3's tag for contrastive micro-batches
+CONTRASTIVE_TAGS = (CONTRASTIVE, "contrastive")  # both mean a contrastive micro-batch
 
 
 @dataclass(frozen=True)
@@ -106,9 +107,14 @@ def sft_target_count(batch: Mapping, labels_are_shifted_by_model: bool = True) -
     return int(targets.ne(-100).sum())
 
 
+def tag_kind(tag: str | None) -> str:
+    """The kind a batch tag means: `CONTRASTIVE` for "craft" and "contrastive", else "sft" (None too)."""
+    return CONTRASTIVE if tag in CONTRASTIVE_TAGS else SFT
+
+
 def batch_type(batch: Mapping) -> str:
-    """The micro-batch's kind, "sft" or "contrastive" (untagged batches are SFT)."""
-    return batch.get(BATCH_TYPE_KEY, SFT)
+    """The micro-batch's kind (`tag_kind` of its "craft_batch_type"; untagged batches are SFT)."""
+    return tag_kind(batch.get(BATCH_TYPE_KEY))
 
 
 def count_window(batches: Iterable[Mapping], self_align: bool, labels_are_shifted_by_model: bool = True) -> WindowCounts:
@@ -124,3 +130,76 @@ def count_window(batches: Iterable[Mapping], self_align: bool, labels_are_shifte
         else:
             total += WindowCounts(sft_target_count(batch, labels_are_shifted_by_model), int(self_align))
     return total
+
+
+# ------------------------------------------------------------------------------ contrastive-ft 0.4.3 names
+
+
+@dataclass(frozen=True)
+class AccumulationScales:
+    """contrastive-ft 0.4.3's per-micro-batch loss scales for a window of ``n_sft`` SFT and ``n_contrastive``
+    contrastive micro-batches, each loss a mean: ``sft_scale = alpha / n_sft``, ``contrastive_scale =
+    (1 - alpha) / n_contrastive`` (0 for an absent kind). ``effective_alpha`` is the SFT share of the window."""
+
+    sft_scale: float
+    contrastive_scale: float
+    n_sft: int
+    n_contrastive: int
+    effective_alpha: float
+
+
+class CRAFTGradientAccumulator:
+    """contrastive-ft 0.4.3's accumulator: `AccumulationScaler` with each micro-batch's mean loss as one unit.
+
+    ``CRAFTGradientAccumulator(alpha, gradient_accumulation_steps, n_sft, n_contrastive)`` (alpha clamped to
+    [0, 1]); ``scale_sft_loss(l) = l * alpha / n_sft`` and ``scale_contrastive_loss(l) = l * (1 - alpha) /
+    n_contrastive``, so the window's summed gradients are ``alpha * mean(SFT) + (1 - alpha) * mean(InfoNCE)``.
+    That weights SFT micro-batches equally whatever their token counts; the CRAFT trainers use
+    `AccumulationScaler` over the window's tokens instead (the token-mean NLL, also with TRL's normalisation).
+    """
+
+    def __init__(self, alpha: float, gradient_accumulation_steps: int, n_sft: int, n_contrastive: int):
+        self.alpha = min(max(float(alpha), 0.0), 1.0)
+        self.gradient_accumulation_steps = max(1, int(gradient_accumulation_steps))
+        self.update_batch_counts(n_sft, n_contrastive)
+
+    def update_batch_counts(self, n_sft: int, n_contrastive: int) -> None:
+        """Set the window's micro-batch counts (e.g. after an automatic beta) and recompute the scales."""
+        self.n_sft, self.n_contrastive = max(0, int(n_sft)), max(0, int(n_contrastive))
+        self._scaler = AccumulationScaler(self.alpha, WindowCounts(self.n_sft, self.n_contrastive))
+
+    @property
+    def scales(self) -> AccumulationScales:
+        if self.n_sft + self.n_contrastive == 0:
+            return AccumulationScales(1.0, 1.0, 0, 0, self.alpha)
+        effective = self.alpha if self.n_sft and self.n_contrastive else float(self.n_sft > 0)
+        return AccumulationScales(self._scaler.sft_token_weight, self._scaler.contrastive_term_weight,
+                                  self.n_sft, self.n_contrastive, effective)
+
+    def scale_sft_loss(self, loss: torch.Tensor) -> torch.Tensor:
+        return loss * self.scales.sft_scale
+
+    def scale_contrastive_loss(self, loss: torch.Tensor) -> torch.Tensor:
+        return loss * self.scales.contrastive_scale
+
+    def __repr__(self) -> str:
+        scales = self.scales
+        return (f"CRAFTGradientAccumulator(alpha={self.alpha}, sft_scale={scales.sft_scale:.3f}, "
+                f"con_scale={scales.contrastive_scale:.3f}, n_sft={self.n_sft}, n_con={self.n_contrastive})")
+
+
+def compute_batch_distribution(beta: float, gradient_accumulation_steps: int) -> tuple[int, int]:
+    """contrastive-ft 0.4.3's split of one window: ``(n_sft, n_contrastive)`` with ``n_sft = round(beta * G)``
+    (beta = SFT fraction, clamped to [0, 1]), at least one of each kind when 0 < beta < 1.
+
+    `craft.data.CRAFTMixedDataLoader` spreads beta exactly over consecutive windows instead (its ``windows()``
+    gives each window's real counts); this is the original's per-window rounding, for code that sizes by it.
+    """
+    beta = min(max(float(beta), 0.0), 1.0)
+    total = max(1, int(gradient_accumulation_steps))
+    n_sft = min(total, max(0, round(beta * total)))
+    if beta > 0 and n_sft == 0:
+        n_sft = 1
+    if beta < 1 and n_sft == total:
+        n_sft = total - 1
+    return n_sft, total - n_sft

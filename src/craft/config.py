@@ -14,8 +14,10 @@ The objective the trainers optimise, per optimizer step (see `craft.accumulator`
 
     J = craft_alpha * L_sft + (1 - craft_alpha) * L_con
 
-`craft_beta` is the fraction of micro-batches that are contrastive (paired strategy); `craft_beta_mode="auto"`
-or `craft_length_strategy="auto_beta"` derive it from the two loaders' batch counts instead.
+`craft_beta` is the fraction of micro-batches drawn from the SFT loader (contrastive-ft 0.4.3's meaning; the rest
+are contrastive); `craft_beta_mode="auto"` or `craft_length_strategy="auto_beta"` derive it from the two loaders'
+batch counts instead. Every key of contrastive-ft 0.4.3's config is accepted and implemented, with its defaults
+(docs/compatibility.md lists the differences).
 """
 
 from __future__ import annotations
@@ -23,12 +25,15 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from craft.data import CONTRASTIVE_KEYS
 from craft.errors import UserError
+from craft.presets import CRAFT_PRESETS, auto_configure, get_preset  # noqa: F401  (contrastive-ft 0.4.3 names)
 
 BETA_MODES = ("fixed", "auto")
 LENGTH_STRATEGIES = ("oversample", "cap", "auto_beta", "error")
 POOLINGS = ("last_token", "mean", "cls", "weighted_mean")
 NEGATIVE_STRATEGIES = ("in_batch", "queue", "none")
+ASSISTANT_MASK_STRATEGIES = ("auto", "provided", "none")
 GRADIENT_BALANCING = ("none", "loss_scale", "uncertainty", "gradnorm", "pcgrad")
 # Names accepted in `craft_report_metrics` when it is a list (True = all of them, False = none).
 REPORTABLE_METRICS = ("contrastive_accuracy", "representation_consistency", "temperature")
@@ -40,7 +45,7 @@ class CRAFTConfigMixin:
 
     Knobs (defaults in brackets):
         craft_alpha [0.6]: weight of the SFT loss; the contrastive loss gets `1 - craft_alpha`. In [0, 1].
-        craft_beta [0.5]: fraction of micro-batches drawn from the contrastive loader. In [0, 1].
+        craft_beta [0.6]: fraction of micro-batches drawn from the SFT loader; the rest are contrastive. In [0, 1].
         craft_beta_mode ["fixed"]: "auto" derives beta from the loaders' batch counts.
         craft_length_strategy ["oversample"]: "oversample" | "cap" | "auto_beta" | "error" (see `craft.data`).
         craft_contrastive_batch_size [None]: contrastive micro-batch size; None means per_device_train_batch_size.
@@ -51,7 +56,7 @@ class CRAFTConfigMixin:
         craft_pooling ["last_token"]: "last_token" | "mean" | "cls" | "weighted_mean".
         craft_use_hidden_state_hook [True]: capture the final-norm output with a forward hook; False asks the
             model for `output_hidden_states=True` (all layers kept: more memory).
-        craft_use_gradcache [False], craft_gradcache_chunk_size [8]: GradCache for contrastive micro-batches,
+        craft_use_gradcache [False], craft_gradcache_chunk_size [4]: GradCache for contrastive micro-batches,
             re-forwarding chunks of this many sequences (`craft.gradcache`; exact gradients, less memory).
         craft_negative_strategy ["in_batch"]: "in_batch" | "queue" | "none". "queue" adds a MoCo FIFO of past
             positives as extra negatives (`craft.negatives`); "none" uses the positives of the other rows only,
@@ -63,12 +68,24 @@ class CRAFTConfigMixin:
         craft_gradient_balancing ["none"]: "none" | "loss_scale" | "uncertainty" | "gradnorm" | "pcgrad"
             (`craft.gradient_balancing`; the effective weights are logged as balancing/craft_weight_*).
         craft_assistant_mask_key ["assistant_mask"]: the batch column marking assistant tokens (self-align).
+        craft_assistant_mask_strategy ["auto"]: how self-align finds the assistant span: "auto" — the
+            craft_assistant_mask_key column when the batch has it, else labels != -100; "provided" — that column,
+            required; "none" — no assistant span (self_align is then an error).
+        craft_contrastive_keys [CONTRASTIVE_KEYS]: which batch columns hold the anchor / positive ids and masks
+            of contrastive rows (keys "anchor_input_ids", "anchor_attention_mask", "anchor_labels",
+            "positive_input_ids", "positive_attention_mask"; missing keys keep their default column).
         craft_report_metrics [True]: True logs every CRAFT metric, False none, or a list naming a subset of
             "contrastive_accuracy", "representation_consistency", "temperature". The loss terms are always logged.
+        craft_loss_scale_momentum [0.99]: momentum μ of loss_scale balancing's running means, in [0, 1).
+        craft_gradnorm_alpha [1.5]: GradNorm's asymmetry γ (> 0).
+        craft_gradient_clip_per_task [False], craft_gradient_clip_value [1.0]: clip each task's gradient (SFT,
+            contrastive) to this L2 norm over the step before they are added (`craft.gradient_balancing`).
+        craft_debug [False]: log (logger "craft.trainers", level INFO) each optimizer step's window counts, loss
+            weights, task losses and gradient norms.
     """
 
     craft_alpha: float = 0.6
-    craft_beta: float = 0.5
+    craft_beta: float = 0.6
     craft_beta_mode: str = "fixed"
     craft_length_strategy: str = "oversample"
     craft_contrastive_batch_size: int | None = None
@@ -79,13 +96,20 @@ class CRAFTConfigMixin:
     craft_pooling: str = "last_token"
     craft_use_hidden_state_hook: bool = True
     craft_use_gradcache: bool = False
-    craft_gradcache_chunk_size: int = 8
+    craft_gradcache_chunk_size: int = 4
     craft_negative_strategy: str = "in_batch"
     craft_negative_queue_size: int = 65536
     craft_gather_negatives: bool | None = None
     craft_gradient_balancing: str = "none"
     craft_assistant_mask_key: str = "assistant_mask"
     craft_report_metrics: bool | list[str] = field(default=True)
+    craft_assistant_mask_strategy: str = "auto"
+    craft_contrastive_keys: dict[str, str] = field(default_factory=lambda: dict(CONTRASTIVE_KEYS))
+    craft_loss_scale_momentum: float = 0.99
+    craft_gradnorm_alpha: float = 1.5
+    craft_gradient_clip_per_task: bool = False
+    craft_gradient_clip_value: float = 1.0
+    craft_debug: bool = False
 
     def __post_init__(self):
         validate_craft_config(self)
@@ -94,7 +118,7 @@ class CRAFTConfigMixin:
             parent_post_init()
 
     @classmethod
-    def from_preset(cls, name: str, output_dir: str, **overrides):
+    def from_preset(cls, name: str, output_dir: str = "./outputs", **overrides):
         """This config class from a preset of `craft.presets.PRESETS` (overrides win):
         ``CRAFTSFTConfig.from_preset("balanced", output_dir="out", learning_rate=1e-5)``."""
         from craft.presets import config_from_preset
@@ -102,8 +126,8 @@ class CRAFTConfigMixin:
         return config_from_preset(cls, name, output_dir, **overrides)
 
     @classmethod
-    def auto(cls, output_dir: str, model, sft_dataset, contrastive_dataset=None, available_memory_gb=None,
-             **overrides):
+    def auto(cls, output_dir: str = "./outputs", model=None, sft_dataset=None, contrastive_dataset=None,
+             available_memory_gb=None, **overrides):
         """This config class with settings chosen from the model, datasets and memory (`craft.presets.auto_config`)."""
         from craft.presets import auto_config
 
@@ -155,7 +179,20 @@ def validate_craft_config(config) -> None:
     _check_choice(config, "craft_pooling", POOLINGS)
     _check_choice(config, "craft_negative_strategy", NEGATIVE_STRATEGIES)
     _check_choice(config, "craft_gradient_balancing", GRADIENT_BALANCING)
-    for key in ("craft_learnable_temperature", "craft_use_hidden_state_hook", "craft_use_gradcache"):
+    _check_choice(config, "craft_assistant_mask_strategy", ASSISTANT_MASK_STRATEGIES)
+    momentum = config.craft_loss_scale_momentum
+    _require(_is_number(momentum) and 0.0 <= momentum < 1.0, "craft_loss_scale_momentum",
+             f"must be a number in [0, 1), got {momentum!r}")
+    for key in ("craft_gradnorm_alpha", "craft_gradient_clip_value"):
+        value = getattr(config, key)
+        _require(_is_number(value) and value > 0, key, f"must be a number > 0, got {value!r}")
+    keys = config.craft_contrastive_keys
+    _require(isinstance(keys, dict) and all(isinstance(v, str) and v for v in keys.values())
+             and set(keys) <= set(CONTRASTIVE_KEYS), "craft_contrastive_keys",
+             f"must map some of {', '.join(map(repr, CONTRASTIVE_KEYS))} to column names, got {keys!r}")
+    config.craft_contrastive_keys = {**CONTRASTIVE_KEYS, **keys}
+    for key in ("craft_learnable_temperature", "craft_use_hidden_state_hook", "craft_use_gradcache",
+                "craft_gradient_clip_per_task", "craft_debug"):
         value = getattr(config, key)
         _require(isinstance(value, bool), key, f"must be True or False, got {value!r}")
     gather = config.craft_gather_negatives
@@ -242,18 +279,18 @@ _LAZY_CONFIGS: dict[str, type] = {}
 
 
 def _lazy_config(name: str):
-    """CRAFTORPOConfig (ORPO lives in `trl.experimental`, imported only when asked for) and CRAFTPPOConfig
-    (only with a TRL that has PPOConfig)."""
+    """CRAFTORPOConfig (ORPO lives in `trl.experimental`, imported only when asked for) and CRAFTPPOConfig.
+
+    With a TRL that has no PPOConfig (TRL 1.x removed PPO), CRAFTPPOConfig is the CRAFT knobs on
+    `transformers.TrainingArguments`, so code and presets that build it keep working; `CRAFTPPOTrainer` is what
+    raises, saying why and what to use instead.
+    """
     import trl
 
     if name == "CRAFTORPOConfig":
         from trl.experimental.orpo import ORPOConfig as host
     else:
-        host = getattr(trl, "PPOConfig", None)
-        if host is None:
-            raise TRLFeatureUnavailable(
-                f"CRAFTPPOConfig needs trl.PPOConfig, which TRL {trl_version()} does not have (TRL 1.x removed PPO); "
-                "use CRAFTGRPOConfig or CRAFTRLOOConfig for online RL, or install a TRL that ships PPOTrainer")
+        host = getattr(trl, "PPOConfig", None) or _training_arguments_class()
     doc = f"`{host.__module__}.{host.__name__}` plus the CRAFT knobs."
     return dataclass(type(name, (CRAFTConfigMixin, host), {"__doc__": doc, "__module__": __name__}))
 

@@ -27,8 +27,16 @@ STRATEGIES = ("paired_dataset", "self_align")
 LENGTH_STRATEGIES = ("oversample", "cap", "auto_beta", "error")
 BETA_MODES = ("fixed", "auto")
 SFT = "sft"
-CONTRASTIVE = "contrastive"
+CONTRASTIVE = "craft"  # contrastive-ft 0.4.3's tag, which code written for it compares against
 BATCH_TYPE_KEY = "craft_batch_type"
+# craft_contrastive_keys: canonical key -> the column that holds it (contrastive-ft 0.4.3's defaults).
+CONTRASTIVE_KEYS = {
+    "anchor_input_ids": "input_ids",
+    "anchor_attention_mask": "attention_mask",
+    "anchor_labels": "labels",
+    "positive_input_ids": "input_ids_tgt",
+    "positive_attention_mask": "attention_mask_tgt",
+}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -115,8 +123,27 @@ def _require_any(dataset: Any, what: str, columns: Sequence[str], why: str) -> N
     raise UserError(f"the {what} needs a {options} column ({why}); its columns: {found}")
 
 
+def canonical_columns(row: Mapping[str, Any], contrastive_keys: Mapping[str, str] | None) -> dict[str, Any]:
+    """``row`` with the columns named in ``contrastive_keys`` (``craft_contrastive_keys``: canonical key ->
+    column) renamed to the canonical columns (``input_ids``, ``attention_mask``, ``labels``, ``input_ids_tgt``,
+    ``attention_mask_tgt``). A row already in canonical names is returned as a plain copy."""
+    from craft.config import CONTRASTIVE_KEYS
+
+    renames = {column: CONTRASTIVE_KEYS[key] for key, column in (contrastive_keys or {}).items()
+               if column != CONTRASTIVE_KEYS[key] and column in row}
+    return {renames.get(name, name): value for name, value in row.items()}
+
+
+def assistant_mask_columns(assistant_mask_key: str) -> tuple[str, ...]:
+    """The columns read as the assistant mask: the configured key, and with the default key also TRL's
+    ``assistant_masks`` (what ``apply_chat_template(..., return_assistant_tokens_mask=True)`` returns, and
+    contrastive-ft 0.4.3's default key)."""
+    return (assistant_mask_key, "assistant_masks") if assistant_mask_key == "assistant_mask" else (assistant_mask_key,)
+
+
 def make_craft_datasets(primary_dataset: Any, contrastive_dataset: Any = None, strategy: str = "paired_dataset", *,
-                        assistant_mask_key: str = "assistant_mask") -> CRAFTDatasetBundle:
+                        assistant_mask_key: str = "assistant_mask",
+                        contrastive_keys: Mapping[str, str] | None = None) -> CRAFTDatasetBundle:
     """Validate the datasets for `strategy` and bundle them.
 
     * ``paired_dataset``: ``contrastive_dataset`` is required and needs ``input_ids`` (anchors) and
@@ -127,7 +154,8 @@ def make_craft_datasets(primary_dataset: Any, contrastive_dataset: Any = None, s
       ``contrastive_dataset`` if given (it must satisfy the same rule) and from the primary dataset otherwise.
 
     Datasets may be ``datasets.Dataset`` objects or lists of dicts. Every problem is a `UserError` naming the
-    dataset and the column.
+    dataset and the column. ``contrastive_keys`` (the config's ``craft_contrastive_keys``) names other columns
+    for the paired anchors and positives.
     """
     if strategy not in STRATEGIES:
         raise UserError(f"unknown CRAFT strategy {strategy!r}; valid strategies: {', '.join(STRATEGIES)}")
@@ -137,26 +165,36 @@ def make_craft_datasets(primary_dataset: Any, contrastive_dataset: Any = None, s
             raise UserError("strategy 'paired_dataset' needs a contrastive_dataset with 'input_ids' (anchor) and "
                             "'input_ids_tgt' (positive) columns; pass contrastive_dataset=... or use "
                             "strategy='self_align'")
-        _require(contrastive_dataset, "contrastive dataset", ("input_ids", "input_ids_tgt"),
-                 "paired_dataset needs anchor input_ids and positive input_ids_tgt")
+        keys = contrastive_keys or {}
+        anchors, positives = keys.get("anchor_input_ids", "input_ids"), keys.get("positive_input_ids", "input_ids_tgt")
+        _require(contrastive_dataset, "contrastive dataset", (anchors, positives),
+                 f"paired_dataset needs anchor {anchors} and positive {positives} (craft_contrastive_keys)")
         return CRAFTDatasetBundle(primary_dataset, contrastive_dataset, strategy, assistant_mask_key)
     why = (f"self_align takes its positives from the assistant span: labels != -100 or {assistant_mask_key} == 1")
-    _require_any(primary_dataset, "primary (SFT) dataset", ("labels", assistant_mask_key), why)
+    _require_any(primary_dataset, "primary (SFT) dataset", ("labels", *assistant_mask_columns(assistant_mask_key)), why)
     if contrastive_dataset is None:
         contrastive_dataset = primary_dataset
     elif contrastive_dataset is not primary_dataset:
-        _require_any(contrastive_dataset, "contrastive dataset", ("labels", assistant_mask_key), why)
+        _require_any(contrastive_dataset, "contrastive dataset", ("labels", *assistant_mask_columns(assistant_mask_key)),
+                     why)
     return CRAFTDatasetBundle(primary_dataset, contrastive_dataset, strategy, assistant_mask_key)
 
 
-def assistant_token_mask(batch: Mapping[str, Tensor], assistant_mask_key: str = "assistant_mask") -> Tensor:
+def assistant_token_mask(batch: Mapping[str, Tensor], assistant_mask_key: str = "assistant_mask",
+                         strategy: str = "auto") -> Tensor:
     """The [B, T] 0/1 mask of assistant tokens of a collated batch, for self-align pooling.
 
-    The ``assistant_mask_key`` column when present, else ``labels != -100``; combined with ``attention_mask``.
-    Missing both columns, or a row without any assistant token, is a `UserError` naming the rows.
+    ``strategy`` is ``craft_assistant_mask_strategy``: "auto" takes the ``assistant_mask_key`` column (see
+    `assistant_mask_columns`) when present,
+    else ``labels != -100``; "provided" requires the column. Combined with ``attention_mask``. Missing columns,
+    or a row without any assistant token, is a `UserError` naming the rows.
     """
-    if assistant_mask_key in batch:
-        mask = batch[assistant_mask_key] != 0
+    column = next((c for c in assistant_mask_columns(assistant_mask_key) if c in batch), None)
+    if column is not None:
+        mask = batch[column] != 0
+    elif strategy == "provided":
+        raise UserError(f"craft_assistant_mask_strategy='provided' needs the {assistant_mask_key!r} column "
+                        f"(craft_assistant_mask_key) in every self-align batch; the batch has: {', '.join(sorted(batch))}")
     elif "labels" in batch:
         mask = batch["labels"] != -100
     else:
@@ -363,8 +401,9 @@ def _as_fraction(beta: Any) -> Fraction:
 
 
 def is_contrastive_step(k: int, beta: float | Fraction) -> bool:
-    """Whether global micro-batch ``k`` (0-based) is contrastive: ``floor((k+1)·β) > floor(k·β)``."""
-    frac = _as_fraction(beta)
+    """Whether global micro-batch ``k`` (0-based) is contrastive for the SFT fraction ``beta``:
+    ``floor((k+1)·γ) > floor(k·γ)`` with ``γ = 1 - beta``."""
+    frac = 1 - _as_fraction(beta)
     p, q = frac.numerator, frac.denominator
     return ((k + 1) * p) // q > (k * p) // q
 
@@ -377,27 +416,42 @@ def _loader_len(loader: Any, name: str) -> int:
                         "loaders whose len() is the number of batches per pass") from None
 
 
-class CRAFTMixedDataLoader:
-    """Interleave SFT and contrastive micro-batches by ``beta``; each yielded batch is a dict with the extra key
-    ``"craft_batch_type"`` (``"sft"`` or ``"contrastive"``).
+def _batch_count(loader: Any, given: int | None, name: str) -> int:
+    """Batches per pass of ``loader``: ``given`` when set, else ``len(loader)`` (0 without a loader)."""
+    if given is not None:
+        if int(given) < 0:
+            raise UserError(f"total {name} batches must be >= 0; got {given}")
+        return int(given)
+    return 0 if loader is None else _loader_len(loader, name)
 
-    Micro-batch ``k`` of a pass is contrastive iff ``floor((k+1)·β) > floor(k·β)``: any prefix of ``K`` batches
-    holds ``floor(K·β)`` contrastive ones, spread evenly, across accumulation windows too. β = 0 gives only SFT,
-    β = 1 only contrastive; with 0 < β < 1 and one micro-batch per step the two objectives alternate.
+
+class CRAFTMixedDataLoader:
+    """Interleave SFT and contrastive micro-batches; each yielded batch is a dict with the extra key
+    ``"craft_batch_type"`` (``"sft"`` or ``"craft"``, contrastive-ft's tag for contrastive batches).
+
+    ``beta`` is the fraction of micro-batches drawn from the SFT loader (contrastive-ft 0.4.3's meaning; default
+    0.6); ``γ = 1 - beta`` is the contrastive fraction. Micro-batch ``k`` of a pass is contrastive iff
+    ``floor((k+1)·γ) > floor(k·γ)``: any prefix of ``K`` batches holds ``floor(K·γ)`` contrastive ones, spread
+    evenly, across accumulation windows too. beta = 1 gives only SFT, beta = 0 only contrastive; with
+    0 < beta < 1 and one micro-batch per step the two objectives alternate. Without a contrastive loader every
+    micro-batch is SFT.
 
     ``length_strategy``:
       * ``oversample`` (default) — restart the loader that runs out until both have been fully consumed at least
         once; no SFT batch is skipped.
       * ``cap`` — stop at the first batch whose loader would need a restart.
-      * ``auto_beta`` — β = n_con / (n_con + n_sft) from the loaders' lengths, then cap: both end together.
+      * ``auto_beta`` — beta = n_sft / (n_sft + n_con) from the loaders' lengths, then cap: both end together.
       * ``error`` — a `UserError` when cap and oversample would give different passes.
-    ``beta_mode="auto"`` takes β = n_con / (n_con + n_sft) as ``auto_beta`` does, with the length strategy given.
-    ``beta`` holds the β in use. ``len()`` is exactly the number of micro-batches one pass yields; ``schedule()``
-    lists their types. A loader may be None only if β makes it unused (β = 0 or β = 1).
+    ``beta_mode="auto"`` takes beta = n_sft / (n_sft + n_con) as ``auto_beta`` does, with the length strategy
+    given. ``total_sft_batches`` / ``total_craft_batches`` (contrastive-ft's names) give the loaders' batch counts
+    per pass when they differ from ``len()`` or the loaders have none. ``beta`` holds the beta in use. ``len()``
+    is exactly the number of micro-batches one pass yields; ``schedule()`` lists their types. The SFT loader may
+    be None only if beta = 0.
     """
 
-    def __init__(self, sft_loader: Any, contrastive_loader: Any, *, beta: float, gradient_accumulation_steps: int = 1,
-                 length_strategy: str = "oversample", beta_mode: str = "fixed"):
+    def __init__(self, sft_loader: Any, contrastive_loader: Any = None, *, beta: float = 0.6,
+                 gradient_accumulation_steps: int = 1, beta_mode: str = "fixed", length_strategy: str = "oversample",
+                 total_sft_batches: int | None = None, total_craft_batches: int | None = None):
         if length_strategy not in LENGTH_STRATEGIES:
             raise UserError(f"unknown craft_length_strategy {length_strategy!r}; valid: {', '.join(LENGTH_STRATEGIES)}")
         if beta_mode not in BETA_MODES:
@@ -410,21 +464,24 @@ class CRAFTMixedDataLoader:
         self.length_strategy = length_strategy
         self.beta_mode = beta_mode
         self.epoch = 0
-        self.num_sft_batches = 0 if sft_loader is None else _loader_len(sft_loader, "SFT")
-        self.num_contrastive_batches = 0 if contrastive_loader is None else _loader_len(contrastive_loader, "contrastive")
+        self.num_sft_batches = _batch_count(sft_loader, total_sft_batches, "SFT")
+        self.num_contrastive_batches = _batch_count(contrastive_loader, total_craft_batches, "contrastive")
         n_sft, n_con = self.num_sft_batches, self.num_contrastive_batches
 
-        if beta_mode == "auto" or length_strategy == "auto_beta":
-            if n_sft + n_con == 0 or sft_loader is None or contrastive_loader is None:
+        if contrastive_loader is None:
+            self._beta = Fraction(0)  # nothing to mix in: SFT only
+        elif beta_mode == "auto" or length_strategy == "auto_beta":
+            if n_sft + n_con == 0 or sft_loader is None:
                 raise UserError("an automatic beta (craft_beta_mode='auto' or craft_length_strategy='auto_beta') "
                                 "needs both an SFT and a contrastive loader with batches")
             self._beta = Fraction(n_con, n_con + n_sft)
         else:
-            self._beta = _as_fraction(beta)
-        self.beta = float(self._beta)
+            self._beta = 1 - _as_fraction(beta)
+        # `_beta` is the contrastive fraction γ of the schedule; `beta` the SFT fraction users set.
+        self.beta = float(1 - self._beta)
         if self._beta > 0 and n_con == 0:
             raise UserError(f"craft_beta={self.beta:g} schedules contrastive micro-batches but the contrastive "
-                            "loader is missing or empty")
+                            "loader is empty")
         if self._beta < 1 and n_sft == 0:
             raise UserError(f"craft_beta={self.beta:g} schedules SFT micro-batches but the SFT loader is missing or "
                             "empty")
@@ -436,7 +493,7 @@ class CRAFTMixedDataLoader:
                     f"craft_length_strategy='error': the loaders do not match the beta schedule ({n_sft} SFT and "
                     f"{n_con} contrastive batches at craft_beta={self.beta:g}: a capped pass has {len(capped)} "
                     f"micro-batches, an oversampled one {len(oversampled)}); matching lengths need beta = "
-                    f"{n_con}/{n_con + n_sft}, or use 'oversample', 'cap' or 'auto_beta'")
+                    f"{n_sft}/{n_con + n_sft}, or use 'oversample', 'cap' or 'auto_beta'")
             self._schedule = oversampled
         else:
             self._schedule = self._plan("cap" if length_strategy in ("cap", "auto_beta") else "oversample")
@@ -459,7 +516,7 @@ class CRAFTMixedDataLoader:
             k += 1
 
     def schedule(self) -> list[str]:
-        """The batch types (``"sft"`` / ``"contrastive"``) of one pass, in order."""
+        """The batch types (``"sft"`` / ``"craft"``) of one pass, in order."""
         return list(self._schedule)
 
     def windows(self) -> list[tuple[int, int]]:
@@ -517,6 +574,10 @@ class CRAFTMixedDataLoader:
                                 f"a {type(batch).__name__}")
             batch = dict(batch)
             batch[BATCH_TYPE_KEY] = kind
+            if kind == CONTRASTIVE and "labels" not in batch and isinstance(batch.get("input_ids"), Tensor):
+                # No SFT target in a contrastive micro-batch; transformers' Trainer counts `labels` in every
+                # micro-batch of a window once the first has them, so they are stated: all -100.
+                batch["labels"] = torch.full_like(batch["input_ids"], -100)
             yield batch
 
 

@@ -100,9 +100,10 @@ def paired_sides(batch) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
     return ids_and_mask(batch, ""), ids_and_mask(batch, "_tgt")
 
 
-def self_align_masks(batch, assistant_mask_key: str) -> tuple[Tensor, Tensor]:
-    """(prompt mask, assistant mask), each [B, T]; a `UserError` naming rows with an empty span."""
-    positive = assistant_token_mask(batch, assistant_mask_key).bool()
+def self_align_masks(batch, assistant_mask_key: str, strategy: str = "auto") -> tuple[Tensor, Tensor]:
+    """(prompt mask, assistant mask), each [B, T] (``strategy``: craft_assistant_mask_strategy, see
+    `craft.data.assistant_token_mask`); a `UserError` naming rows with an empty span."""
+    positive = assistant_token_mask(batch, assistant_mask_key, strategy).bool()
     attention = batch.get("attention_mask")
     attention = torch.ones_like(positive) if attention is None else attention.bool()
     anchor = attention & ~positive

@@ -24,12 +24,17 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from craft.errors import UserError
+from craft.hooks import last_hidden_state
+from craft.losses import InfoNCELoss
+from craft.negatives import NegativeQueue
 
 
 class RNGState:
@@ -168,3 +173,110 @@ def contrastive_gradcache(encoder: Callable[[Tensor, Tensor], tuple[Tensor, Tens
         return objective(pooled[:size, 0], pooled[size:, 0])
 
     return gradcache_backward(encode, chunks, loss_fn, loss_weight, no_sync=no_sync, backward=backward)
+
+
+# ------------------------------------------------------------------------------ contrastive-ft 0.4.3 names
+
+
+@dataclass
+class GradCacheConfig:
+    """Settings of `GradCacheContrastiveLoss`: ``chunk_size`` sequences per re-forward, the InfoNCE
+    ``temperature``; ``use_amp`` runs the encoder under ``torch.autocast`` on CUDA; ``sync_gradients=False``
+    defers DDP's all-reduce over all chunks but the last (the backbone must then be a DDP module)."""
+
+    chunk_size: int = 4
+    temperature: float = 0.05
+    use_amp: bool = True
+    sync_gradients: bool = True
+
+
+class GradCacheContrastiveLoss(torch.nn.Module):
+    """contrastive-ft 0.4.3's GradCache module over `gradcache_backward`: exact gradients for the backbone, the
+    projector and nothing else to do — its forward has already run the backward.
+
+    ``GradCacheContrastiveLoss(backbone, projector, pooling_fn, config=GradCacheConfig())``;
+    ``forward(anchor_ids, anchor_mask, positive_ids, positive_mask, return_embeddings=False)`` encodes each side
+    in chunks of ``config.chunk_size`` rows (``pooling_fn(last_hidden [b, T, H], mask [b, T]) -> [b, H]``), projects
+    and L2-normalises with ``projector``, and computes InfoNCE at ``config.temperature``. In training mode with
+    gradients enabled the gradient of that loss is accumulated into ``.grad`` of the backbone and projector
+    parameters (to 1e-5 of one full-batch backward); the returned loss is detached, so do not call backward() on
+    it (the original returned a loss whose backward reached the projector only: its backbone got no gradient).
+    In eval mode or under ``torch.no_grad()`` it only computes the loss. ``return_embeddings`` adds the
+    normalised anchor and positive embeddings [B, D] (detached).
+    """
+
+    def __init__(self, backbone: torch.nn.Module, projector: torch.nn.Module,
+                 pooling_fn: Callable[[Tensor, Tensor], Tensor], config: GradCacheConfig | None = None):
+        super().__init__()
+        self.backbone, self.projector, self.pooling_fn = backbone, projector, pooling_fn
+        self.config = config or GradCacheConfig()
+        self.infonce = InfoNCELoss(self.config.temperature)
+
+    def _encode(self, chunk) -> Tensor:
+        ids, mask = chunk
+        autocast = (torch.autocast("cuda") if self.config.use_amp and ids.is_cuda else contextlib.nullcontext())
+        with autocast:
+            hidden = last_hidden_state(self.backbone(input_ids=ids, attention_mask=mask, use_cache=False, return_dict=True))
+            return self.pooling_fn(hidden, mask)
+
+    def _loss(self, pooled: Tensor, size: int):
+        embeddings = F.normalize(self.projector(pooled), dim=-1)
+        loss = self.infonce(embeddings[:size], embeddings[size:])
+        return loss, embeddings.detach()
+
+    def forward(self, anchor_ids: Tensor, anchor_mask: Tensor, positive_ids: Tensor, positive_mask: Tensor,
+                return_embeddings: bool = False):
+        size = anchor_ids.shape[0]
+        slices = split_into_chunks(size, self.config.chunk_size)
+        chunks = [(ids[s], mask[s]) for ids, mask in ((anchor_ids, anchor_mask), (positive_ids, positive_mask))
+                  for s in slices]
+        if self.training and torch.is_grad_enabled():
+            no_sync = getattr(self.backbone, "no_sync", None) if not self.config.sync_gradients else None
+            loss, embeddings = gradcache_backward(self._encode, chunks, lambda pooled: self._loss(pooled, size),
+                                                  no_sync=no_sync)
+        else:
+            with torch.no_grad():
+                loss, embeddings = self._loss(torch.cat([self._encode(chunk) for chunk in chunks]), size)
+        if return_embeddings:
+            return loss, embeddings[:size], embeddings[size:]
+        return loss
+
+
+class CachedEmbeddingBank:
+    """contrastive-ft 0.4.3's embedding bank, a `craft.negatives.NegativeQueue` of ``bank_size`` entries of
+    ``embedding_dim`` on ``device``: ``enqueue`` (detached copies, the oldest dropped), ``get_negatives()``
+    ([size, D]; empty [0, D] before any enqueue), ``size``, ``is_full``, ``clear()``."""
+
+    def __init__(self, embedding_dim: int, bank_size: int = 65536, device: torch.device | str | None = None):
+        self.embedding_dim, self.bank_size = int(embedding_dim), int(bank_size)
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.queue = NegativeQueue(self.bank_size)
+
+    @torch.no_grad()
+    def enqueue(self, embeddings: Tensor) -> None:
+        if embeddings.shape[-1] != self.embedding_dim:
+            raise UserError(f"CachedEmbeddingBank holds {self.embedding_dim}-dim embeddings; got "
+                            f"{embeddings.shape[-1]}-dim ones")
+        self.queue.enqueue(embeddings.to(self.device))
+
+    def get_negatives(self) -> Tensor:
+        negatives = self.queue.negatives()
+        return torch.zeros(0, self.embedding_dim, device=self.device) if negatives is None else negatives
+
+    @property
+    def size(self) -> int:
+        return len(self.queue)
+
+    @property
+    def is_full(self) -> bool:
+        return len(self.queue) == self.bank_size
+
+    def clear(self) -> None:
+        self.queue = NegativeQueue(self.bank_size)
+
+
+def compute_infonce_with_negatives(anchor: Tensor, positive: Tensor, negatives: Tensor | None = None,
+                                   temperature: float = 0.05) -> Tensor:
+    """Mean InfoNCE of ``anchor`` [B, D] against ``positive`` [B, D] plus optional ``negatives`` [N, D]
+    (`craft.losses.InfoNCELoss` at a fixed ``temperature``)."""
+    return InfoNCELoss(temperature)(anchor, positive, negatives=negatives)

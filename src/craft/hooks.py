@@ -148,3 +148,88 @@ class LastHiddenStateCapture:
         """Drop the captured tensor (and the graph it holds)."""
         self._hidden = None
         self.calls = 0
+
+
+# ------------------------------------------------------------------------------ contrastive-ft 0.4.3 names
+
+
+def last_hidden_state(output) -> Tensor:
+    """The last hidden state [B, T, H] of a model output: the output itself if it is a tensor, else its
+    ``last_hidden_state`` when set, else the last entry of its ``hidden_states`` (a sequence, or a tensor taken as
+    is). An `AttributeError` when neither is there or the sequence is empty, a `TypeError` for another type."""
+    if isinstance(output, Tensor):
+        return output
+    hidden = getattr(output, "last_hidden_state", None)
+    if hidden is not None:
+        return hidden
+    states = getattr(output, "hidden_states", None)
+    if states is None:
+        raise AttributeError("Model output missing last_hidden_state and hidden_states; run the model with "
+                             "output_hidden_states=True or use the hidden-state hook")
+    if isinstance(states, (list, tuple)):
+        if not states:
+            raise AttributeError("hidden_states sequence is empty")
+        return states[-1]
+    if isinstance(states, Tensor):
+        return states
+    raise TypeError(f"Unsupported hidden_states type: {type(states).__name__}")
+
+
+def get_backbone(model: nn.Module) -> nn.Module:
+    """The transformer body of a causal LM, without its LM head: ``model.model`` (Llama, Mistral, Qwen, ...),
+    ``model.transformer`` (GPT-2 style) or ``model.encoder``, after unwrapping DDP / PEFT / ``torch.compile`` (and
+    any object that holds the model as ``.module``); the model itself when it has none of them."""
+    base = unwrap_model(model)
+    while not isinstance(base, nn.Module) and hasattr(base, "module"):  # DDP-like wrappers that are not modules
+        base = unwrap_model(base.module)
+    for name in ("model", "transformer", "encoder"):
+        body = getattr(base, name, None)
+        if isinstance(body, nn.Module):
+            return body
+    return base
+
+
+class LastHiddenStateHook(LastHiddenStateCapture):
+    """contrastive-ft 0.4.3's hook object: a `LastHiddenStateCapture` attached from construction until `remove()`.
+
+    ``LastHiddenStateHook(model, layer_name=None)`` hooks the final norm (`find_final_norm`; ``layer_name``, a
+    dotted attribute path such as ``"model.norm"``, picks another module). ``get()`` returns the captured
+    [B, T, H] (a `RuntimeError` before any forward), ``get_optional()`` it or None, ``clear()`` forgets it,
+    ``is_attached`` tells whether the hook is registered; as a context manager it is removed on exit. A model
+    without a findable norm is a `UserError` (the original attached nothing and failed later).
+    """
+
+    def __init__(self, model: nn.Module, layer_name: str | None = None):
+        norm = None
+        if layer_name is not None:
+            norm = model
+            for part in layer_name.split("."):
+                if not hasattr(norm, part):
+                    raise UserError(f"LastHiddenStateHook: {type(model).__name__} has no module {layer_name!r}")
+                norm = getattr(norm, part)
+        super().__init__(model, norm)
+        super().__enter__()
+
+    @property
+    def hidden_state(self) -> Tensor | None:
+        return self._hidden
+
+    @property
+    def is_attached(self) -> bool:
+        return self._handle is not None
+
+    def get(self) -> Tensor:
+        return self.hidden
+
+    def get_optional(self) -> Tensor | None:
+        return self._hidden
+
+    def remove(self) -> None:
+        super().__exit__(None, None, None)
+        self.clear()
+
+    def __enter__(self) -> "LastHiddenStateHook":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.remove()

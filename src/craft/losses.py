@@ -9,6 +9,7 @@ padding side.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -77,9 +78,14 @@ def pool_hidden_states(hidden: Tensor, attention_mask: Tensor | None, strategy: 
 
 
 class ProjectionHead(nn.Module):
-    """SimCLR projection head: ``Linear(input_dim, hidden_dim) -> GELU -> Dropout -> Linear(hidden_dim, output_dim)``.
+    """SimCLR projection head: ``Linear(input_dim, hidden_dim) -> GELU -> Dropout -> Linear(hidden_dim, output_dim)``,
+    then L2 normalisation: ``forward(x [.., input_dim]) -> [.., output_dim]`` with unit rows.
 
-    ``hidden_dim`` defaults to ``input_dim``. Dropout is active only in training mode.
+    ``hidden_dim`` defaults to ``input_dim``. Dropout is active only in training mode. The layers are ``net``
+    (an ``nn.Sequential``, as in contrastive-ft 0.4.3); ``fc1`` / ``fc2`` name its two linear layers. The
+    normalisation costs nothing downstream: InfoNCE normalises again, and normalising twice is normalising once.
+    Positional order is ``(input_dim, output_dim, hidden_dim, dropout)``; contrastive-ft's was
+    ``(input_dim, hidden_dim, output_dim, dropout)`` — keyword calls mean the same in both.
     """
 
     def __init__(self, input_dim: int, output_dim: int = 256, hidden_dim: int | None = None, dropout: float = 0.0):
@@ -91,13 +97,19 @@ class ProjectionHead(nn.Module):
         if not 0.0 <= dropout < 1.0:
             raise UserError(f"ProjectionHead dropout must be in [0, 1); got {dropout}")
         self.input_dim, self.hidden_dim, self.output_dim = int(input_dim), int(hidden_dim), int(output_dim)
-        self.fc1 = nn.Linear(self.input_dim, self.hidden_dim)
-        self.act = nn.GELU()
-        self.dropout = nn.Dropout(dropout)
-        self.fc2 = nn.Linear(self.hidden_dim, self.output_dim)
+        self.net = nn.Sequential(nn.Linear(self.input_dim, self.hidden_dim), nn.GELU(), nn.Dropout(dropout),
+                                 nn.Linear(self.hidden_dim, self.output_dim))
+
+    @property
+    def fc1(self) -> nn.Linear:
+        return self.net[0]
+
+    @property
+    def fc2(self) -> nn.Linear:
+        return self.net[3]
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.fc2(self.dropout(self.act(self.fc1(x))))
+        return F.normalize(self.net(x), dim=-1)
 
 
 class InfoNCELoss(nn.Module):
@@ -109,74 +121,146 @@ class InfoNCELoss(nn.Module):
     .. math::
 
         C = [\hat p_0; \dots; \hat p_{B-1}; \hat n_0; \dots; \hat n_{N-1}] \in \mathbb{R}^{(B+N) \times D}, \qquad
-        \text{logits} = s \cdot \hat A C^\top \in \mathbb{R}^{B \times (B+N)},
+        \text{logits} = \hat A C^\top / \tau \in \mathbb{R}^{B \times (B+N)},
 
         \mathcal{L} = \frac{1}{B} \sum_{i} -\log \frac{\exp(\text{logits}_{i,i})}{\sum_{k} \exp(\text{logits}_{i,k})}
         = \operatorname{cross\_entropy}(\text{logits}, [0, 1, \dots, B-1]).
 
-    The logit scale is :math:`s = 1/\tau`. With a fixed temperature (default :math:`\tau = 0.05`, SimCSE) it is a
-    constant. With ``learnable_temperature=True`` (CLIP) the parameter ``log_inv_temperature`` starts at
-    :math:`\log(1/\tau_0)` and :math:`s = \exp(\min(\text{log\_inv\_temperature}, \log 100))`, so
-    :math:`\tau \ge 0.01`. The similarities are computed in float32 whatever the input dtype.
+    ``log_temperature`` holds :math:`\log \tau`: a buffer for a fixed temperature (default :math:`\tau = 0.05`,
+    SimCSE), a parameter with ``learnable_temperature=True`` (CLIP), clamped so that :math:`\tau \ge 0.01` (a
+    logit scale of at most 100). The similarities are computed in float32 whatever the input dtype.
+    ``reduction`` is cross-entropy's ("mean", "sum" or "none").
 
-    ``pooling`` is the strategy :meth:`pool` applies (see :func:`pool_hidden_states`).
+    Two call conventions (the first is what the CRAFT trainers use):
+
+    * ``loss(anchor [B, D], positive [B, D], negatives=None, return_logits=False)`` — already projected
+      embeddings (negatives [N, D] positionally or by keyword); ``(loss, logits)`` when ``return_logits``.
+    * ``loss(hidden_anchor [B, T, H], hidden_positive [B, T, H], mask_anchor [B, T], mask_positive [B, T],
+      return_details=False, additional_negatives=None)`` — contrastive-ft 0.4.3's: the hidden states are pooled
+      (``pooling``, see :func:`pool_hidden_states`) and projected by ``projector``, a `ProjectionHead`
+      ``hidden_size -> projection_dim`` (built here when ``hidden_size`` is given, else on the first such call).
+      ``return_details`` adds a dict with the projected ``anchor_embeddings`` / ``positive_embeddings``, the
+      ``logits`` and the ``temperature`` (all detached). `forward_from_pooled` takes pooled [B, H] states.
     """
 
-    def __init__(self, temperature: float = 0.05, learnable_temperature: bool = False, pooling: str = "last_token"):
+    def __init__(self, temperature: float = 0.05, reduction: str = "mean", hidden_size: int | None = None,
+                 projection_dim: int = 256, pooling: str = "last_token", learnable_temperature: bool = False,
+                 dropout: float = 0.0):
         super().__init__()
         if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
             raise UserError(f"InfoNCE temperature must be a positive number; got {temperature!r}")
         if pooling not in POOLING_STRATEGIES:
             raise UserError(f"unknown pooling strategy {pooling!r}; valid strategies: {', '.join(POOLING_STRATEGIES)}")
+        if reduction not in ("mean", "sum", "none"):
+            raise UserError(f"InfoNCE reduction must be 'mean', 'sum' or 'none'; got {reduction!r}")
         if learnable_temperature and 1.0 / temperature > MAX_LOGIT_SCALE:
             raise UserError(f"a learnable temperature must start at >= {1 / MAX_LOGIT_SCALE} (its logit scale is "
                             f"clamped at {MAX_LOGIT_SCALE:g}, where it would get no gradient); got {temperature}")
-        self.pooling = pooling
+        self.pooling, self.reduction = pooling, reduction
         self.learnable_temperature = bool(learnable_temperature)
         self.initial_temperature = float(temperature)
+        self.projection_dim, self.dropout = int(projection_dim), float(dropout)
+        log_temperature = torch.tensor(math.log(temperature), dtype=torch.float32)
         if self.learnable_temperature:
-            self.log_inv_temperature = nn.Parameter(torch.tensor(math.log(1.0 / temperature), dtype=torch.float32))
+            self.log_temperature = nn.Parameter(log_temperature)
         else:
-            self.register_parameter("log_inv_temperature", None)
+            self.register_buffer("log_temperature", log_temperature)
+        self.projector: ProjectionHead | None = None
+        if hidden_size is not None:
+            self.projector = ProjectionHead(hidden_size, self.projection_dim, dropout=self.dropout)
 
-    def logit_scale(self) -> Tensor | float:
-        """The current 1/τ: a differentiable tensor when learnable, else a float."""
-        if self.log_inv_temperature is None:
-            return 1.0 / self.initial_temperature
-        return self.log_inv_temperature.clamp(max=math.log(MAX_LOGIT_SCALE)).exp()
+    def logit_scale(self) -> Tensor:
+        """The current 1/τ (differentiable when the temperature is learnable)."""
+        if self.learnable_temperature:
+            return (-self.log_temperature.clamp(min=-math.log(MAX_LOGIT_SCALE))).exp()
+        return (-self.log_temperature).exp()
 
     @property
-    def temperature(self) -> float:
-        """The current temperature τ as a float."""
-        scale = self.logit_scale()
-        return 1.0 / float(scale.detach()) if isinstance(scale, Tensor) else 1.0 / scale
+    def temperature(self) -> Tensor:
+        """The current temperature τ (clamped as in the loss), a detached scalar tensor."""
+        return (1.0 / self.logit_scale()).detach()
 
     def pool(self, hidden: Tensor, attention_mask: Tensor | None) -> Tensor:
         """`pool_hidden_states` with this loss's pooling strategy."""
         return pool_hidden_states(hidden, attention_mask, self.pooling)
 
-    def forward(self, anchor: Tensor, positive: Tensor, negatives: Tensor | None = None,
-                return_logits: bool = False):
-        """Mean InfoNCE over the batch; ``(loss, logits)`` when ``return_logits`` (logits [B, B+N], float32)."""
+    def _project(self, pooled: Tensor) -> Tensor:
+        if self.projector is None:  # contrastive-ft's lazy head: sized by the first hidden states seen
+            self.projector = ProjectionHead(pooled.shape[-1], self.projection_dim, dropout=self.dropout).to(pooled.device)
+        return self.projector(pooled.to(self.projector.fc1.weight.dtype))
+
+    def forward(self, anchor: Tensor, positive: Tensor, mask_anchor: Tensor | None = None,
+                mask_positive: Tensor | None = None, *, negatives: Tensor | None = None, return_logits: bool = False,
+                return_details: bool = False, additional_negatives: Tensor | None = None):
+        """InfoNCE of embeddings [B, D] or, with hidden states [B, T, H] and masks, of their pooled projections.
+
+        With embeddings, masks mean nothing: a third positional argument is the negatives [N, D].
+        """
+        if anchor.dim() == 2 and mask_anchor is not None:
+            if negatives is not None:
+                raise ValueError("InfoNCE got negatives twice (positionally and as negatives=)")
+            negatives, mask_anchor = mask_anchor, None
+        if additional_negatives is not None:
+            negatives = additional_negatives if negatives is None else torch.cat([negatives, additional_negatives])
+        if anchor.dim() == 3:
+            return self.forward_from_pooled(self.pool(anchor, mask_anchor), self.pool(positive, mask_positive),
+                                            additional_negatives=negatives, return_details=return_details)
+        loss, logits = self._infonce(anchor, positive, negatives)
+        if return_details:
+            return loss, self._details(anchor, positive, logits)
+        return (loss, logits) if return_logits else loss
+
+    def forward_from_pooled(self, anchor_pooled: Tensor, positive_pooled: Tensor, *,
+                            additional_negatives: Tensor | None = None, return_details: bool = False):
+        """InfoNCE of ``projector(anchor_pooled)`` and ``projector(positive_pooled)`` (pooled states [B, H])."""
+        anchor, positive = self._project(anchor_pooled), self._project(positive_pooled)
+        loss, logits = self._infonce(anchor, positive, additional_negatives)
+        return (loss, self._details(anchor, positive, logits)) if return_details else loss
+
+    def _details(self, anchor: Tensor, positive: Tensor, logits: Tensor) -> dict[str, Tensor]:
+        return {"anchor_embeddings": F.normalize(anchor.detach().float(), dim=-1),
+                "positive_embeddings": F.normalize(positive.detach().float(), dim=-1),
+                "logits": logits.detach(), "temperature": self.temperature}
+
+    def _infonce(self, anchor: Tensor, positive: Tensor, negatives: Tensor | None) -> tuple[Tensor, Tensor]:
         if anchor.dim() != 2 or positive.shape != anchor.shape:
             raise ValueError(f"InfoNCE expects anchor and positive of the same shape [batch, dim]; got "
                              f"{tuple(anchor.shape)} and {tuple(positive.shape)}")
         candidates = positive.float()
-        if negatives is not None:
+        if negatives is not None and negatives.shape[0] > 0:
             if negatives.dim() != 2 or negatives.shape[1] != anchor.shape[1]:
                 raise ValueError(f"InfoNCE negatives must have shape [num_negatives, {anchor.shape[1]}]; got "
                                  f"{tuple(negatives.shape)}")
-            candidates = torch.cat([candidates, negatives.float()], dim=0)
+            candidates = torch.cat([candidates, negatives.to(candidates.device).float()], dim=0)
         a = F.normalize(anchor.float(), dim=-1)
         c = F.normalize(candidates, dim=-1)
-        scale = self.logit_scale()
-        if isinstance(scale, Tensor):
-            scale = scale.to(a.device)
-        logits = (a @ c.T) * scale
+        logits = (a @ c.T) * self.logit_scale().to(a.device)
         target = torch.arange(anchor.shape[0], device=logits.device)
-        loss = F.cross_entropy(logits, target)
-        return (loss, logits) if return_logits else loss
+        return F.cross_entropy(logits, target, reduction=self.reduction), logits
 
     def extra_repr(self) -> str:
-        return (f"temperature={self.temperature:.4g}, learnable_temperature={self.learnable_temperature}, "
+        return (f"temperature={float(self.temperature):.4g}, learnable_temperature={self.learnable_temperature}, "
                 f"pooling={self.pooling!r}")
+
+
+_pool_hidden_states = pool_hidden_states  # contrastive-ft 0.4.3's former name
+
+
+@dataclass
+class CRAFTLossOutputs:
+    """The terms of `combine_craft_losses`: ``total_loss = alpha * sft_loss + (1 - alpha) * contrastive_loss``."""
+
+    total_loss: Tensor
+    sft_loss: Tensor
+    contrastive_loss: Tensor
+
+
+def combine_craft_losses(*, sft_loss: Tensor, contrastive_loss: Tensor, alpha: float) -> CRAFTLossOutputs:
+    """``alpha * sft_loss + (1 - alpha) * contrastive_loss`` with alpha clamped to [0, 1] (contrastive-ft 0.4.3).
+
+    For one forward that has both losses. Over an accumulation window whose micro-batches hold one loss each, the
+    exact weights are `craft.accumulator.AccumulationScaler`'s (the CRAFT trainers use those).
+    """
+    alpha = min(max(float(alpha), 0.0), 1.0)
+    total = alpha * sft_loss + (1.0 - alpha) * contrastive_loss
+    return CRAFTLossOutputs(total_loss=total, sft_loss=sft_loss, contrastive_loss=contrastive_loss)

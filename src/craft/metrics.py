@@ -1,4 +1,9 @@
-"""Metrics logged during CRAFT training: contrastive accuracy and representation consistency (EMA reference)."""
+"""Metrics logged during CRAFT training: contrastive accuracy and representation consistency (EMA reference).
+
+`contrastive_accuracy` and `EMAReference` are what the trainers log. `compute_contrastive_accuracy`,
+`compute_representation_consistency` and `update_representation_reference` are contrastive-ft 0.4.3's functional
+forms of the same metrics, on embeddings rather than logits.
+"""
 
 from __future__ import annotations
 
@@ -28,6 +33,42 @@ def _mean_direction(emb: Tensor) -> Tensor:
     return F.normalize(emb, dim=-1).mean(dim=0)
 
 
+def ema_update(reference: Tensor | None, value: Tensor, decay: float) -> Tensor:
+    """``decay * reference + (1 - decay) * value`` (``value`` itself when there is no reference yet)."""
+    if reference is None:
+        return value.clone()
+    return decay * reference.to(value.device) + (1.0 - decay) * value
+
+
+def compute_contrastive_accuracy(anchor: Tensor, positives: Tensor) -> Tensor:
+    """Top-1 accuracy of embeddings: ``mean_i(argmax_j(anchor_i · positives_j) == i)`` as a scalar tensor.
+
+    ``anchor`` and ``positives`` are [B, D] (projected, normalised embeddings: the dot product is the cosine).
+    """
+    return torch.tensor(contrastive_accuracy(anchor.detach() @ positives.detach().T), device=anchor.device)
+
+
+def compute_representation_consistency(current: Tensor, reference: Tensor | None, *, epsilon: float = 1e-8) -> Tensor:
+    """Mean cosine similarity between each row of ``current`` [B, D] and ``reference`` ([D] or [B, D]).
+
+    NaN when there is no reference yet (contrastive-ft 0.4.3's convention for this function; the trainers'
+    `EMAReference` starts from the first batch instead and never logs NaN).
+    """
+    if reference is None:
+        return torch.tensor(float("nan"), device=current.device)
+    reference = reference.to(current.device)
+    similarity = F.normalize(current, dim=-1, eps=epsilon) * F.normalize(reference, dim=-1, eps=epsilon)
+    return similarity.sum(dim=-1).mean()
+
+
+def update_representation_reference(prev_reference: Tensor | None, current: Tensor, *, momentum: float = 0.9) -> Tensor:
+    """EMA of the batch-mean embedding: ``momentum * prev + (1 - momentum) * mean_i(current_i)``, detached.
+
+    (`EMAReference` does the same with the mean of the normalised rows, ``decay`` = ``momentum``.)
+    """
+    return ema_update(prev_reference, current.detach().mean(dim=0), momentum)
+
+
 class EMAReference:
     """An exponential moving average of the batch-mean normalised embedding, as a drift reference.
 
@@ -45,12 +86,7 @@ class EMAReference:
         self.num_updates = 0
 
     def update(self, emb: Tensor) -> None:
-        mean = _mean_direction(emb)
-        if self.reference is None:
-            self.reference = mean.clone()
-        else:
-            ref = self.reference.to(mean.device)
-            self.reference = self.decay * ref + (1.0 - self.decay) * mean
+        self.reference = ema_update(self.reference, _mean_direction(emb), self.decay)
         self.num_updates += 1
 
     def representation_consistency(self, emb: Tensor) -> float:

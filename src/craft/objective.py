@@ -37,19 +37,21 @@ EMA_DECAY = 0.99  # representation-consistency reference: roughly the last hundr
 class ContrastiveObjective(nn.Module):
     """Pooling -> projection -> InfoNCE against in-batch, cross-rank and queued negatives.
 
-    Parameters (trained by the optimizer): ``projection`` (`ProjectionHead`), ``infonce.log_inv_temperature``
-    (learnable temperature), ``balancing.log_variance`` (uncertainty balancing). State that is not a parameter:
+    Parameters (trained by the optimizer): ``projection`` (`ProjectionHead`), ``infonce.log_temperature``
+    (learnable temperature), ``balancing.log_vars`` (uncertainty balancing). State that is not a parameter:
     ``queue`` (`NegativeQueue` or None), ``balancer`` (`GradientBalancing`), ``ema`` (`EMAReference`).
     """
 
     def __init__(self, hidden_size: int, projection_dim: int = 256, projection_dropout: float = 0.0,
                  temperature: float = 0.05, learnable_temperature: bool = False, pooling: str = "last_token",
                  queue_size: int | None = None, balancing: str = "none", alpha: float = 0.6, seed: int = 0,
-                 gather_negatives: bool | None = None):
+                 gather_negatives: bool | None = None, loss_scale_momentum: float = 0.99, gradnorm_alpha: float = 1.5,
+                 clip_per_task: float | None = None):
         super().__init__()
         self.projection = ProjectionHead(hidden_size, projection_dim, dropout=projection_dropout)
-        self.infonce = InfoNCELoss(temperature, learnable_temperature, pooling)
-        self.balancer = GradientBalancing(balancing, alpha, seed=seed)
+        self.infonce = InfoNCELoss(temperature, learnable_temperature=learnable_temperature, pooling=pooling)
+        self.balancer = GradientBalancing(balancing, alpha, seed=seed, momentum=loss_scale_momentum,
+                                          gradnorm_alpha=gradnorm_alpha, clip_per_task=clip_per_task)
         if self.balancer.module is not None:
             self.balancing = self.balancer.module  # uncertainty's log-variances: trained and saved with the head
         self.queue = NegativeQueue(queue_size) if queue_size else None
@@ -63,7 +65,9 @@ class ContrastiveObjective(nn.Module):
                    args.craft_learnable_temperature, args.craft_pooling,
                    queue_size=args.craft_negative_queue_size if args.craft_negative_strategy == "queue" else None,
                    balancing=args.craft_gradient_balancing, alpha=args.craft_alpha, seed=args.seed,
-                   gather_negatives=args.craft_gather_negatives)
+                   gather_negatives=args.craft_gather_negatives, loss_scale_momentum=args.craft_loss_scale_momentum,
+                   gradnorm_alpha=args.craft_gradnorm_alpha,
+                   clip_per_task=args.craft_gradient_clip_value if args.craft_gradient_clip_per_task else None)
 
     @property
     def gathers_negatives(self) -> bool:

@@ -1,21 +1,22 @@
-"""CRAFT presets and automatic configuration: `config_from_preset` and `auto_config`.
+"""CRAFT presets and automatic configuration: `config_from_preset`, `auto_configure` and `auto_config`.
 
 Both build an ordinary CRAFT config (``CRAFTSFTConfig``, ``CRAFTDPOConfig``, ...) and are also available as
 classmethods, ``CRAFTSFTConfig.from_preset(name, output_dir=...)`` and ``CRAFTSFTConfig.auto(output_dir, model,
 sft_dataset, ...)``. Keyword overrides always win over what the preset or the automatic choice says.
+`auto_configure` returns the automatic settings as a dict (contrastive-ft 0.4.3's function); `get_preset` a copy
+of one preset.
 
-Presets (every key not listed keeps the config default):
+Presets — contrastive-ft 0.4.3's values (every key not listed keeps the config default):
 
-* ``minimal`` — mostly SFT with a light contrastive signal: alpha 0.8, beta 0.25, a 128-dim head, fixed
-  temperature 0.07. The cheapest way to add CRAFT to an SFT run.
-* ``balanced`` — the README defaults (alpha 0.6, beta 0.5, 256-dim head, temperature 0.05) with ``loss_scale``
-  balancing so neither loss dominates by its scale. The recommended starting point.
-* ``memory_efficient`` — GradCache with chunks of 4 sequences, the final-norm hook, a 128-dim head: contrastive
-  batches whose activations would not fit at once.
-* ``large_batch`` — contrastive batches of 256 through GradCache (chunks of 16), a 16384-entry MoCo queue and a
+* ``minimal`` — mostly SFT (alpha 0.8), no balancing, fixed temperature, no GradCache, fixed beta with
+  oversampling: the cheapest way to add CRAFT to an SFT run.
+* ``balanced`` — alpha 0.6, ``loss_scale`` balancing (momentum 0.99), learnable temperature, beta from the
+  loaders' lengths (``auto`` / ``auto_beta``), the final-norm hook. The recommended starting point.
+* ``memory_efficient`` — ``balanced`` plus GradCache with chunks of 4 sequences and a 128-dim head.
+* ``large_batch`` — alpha 0.5, GradCache (chunks of 8), a 65536-entry MoCo queue, ``loss_scale`` balancing,
   learnable temperature: many negatives per anchor.
-* ``aggressive`` — a strong contrastive push: alpha 0.4, beta 0.6, learnable temperature, a 4096-entry queue and
-  ``uncertainty`` balancing (learned task weights).
+* ``aggressive`` — a strong contrastive push: alpha 0.4, ``gradnorm`` balancing (asymmetry 1.5), learnable
+  temperature, GradCache and a 32768-entry queue.
 """
 
 from __future__ import annotations
@@ -31,39 +32,48 @@ from craft.errors import UserError
 
 logger = logging.getLogger(__name__)
 
+_AUTO_BETA = {"craft_beta_mode": "auto", "craft_length_strategy": "auto_beta"}
 PRESETS: dict[str, dict] = {
     "minimal": {
-        "craft_alpha": 0.8, "craft_beta": 0.25, "craft_projection_dim": 128, "craft_temperature": 0.07,
-        "craft_learnable_temperature": False, "craft_negative_strategy": "in_batch",
-        "craft_gradient_balancing": "none", "craft_use_gradcache": False,
+        "craft_alpha": 0.8, "craft_gradient_balancing": "none", "craft_learnable_temperature": False,
+        "craft_use_gradcache": False, "craft_beta_mode": "fixed", "craft_length_strategy": "oversample",
     },
     "balanced": {
-        "craft_alpha": 0.6, "craft_beta": 0.5, "craft_projection_dim": 256, "craft_temperature": 0.05,
-        "craft_learnable_temperature": False, "craft_negative_strategy": "in_batch",
-        "craft_gradient_balancing": "loss_scale", "craft_use_gradcache": False,
+        "craft_alpha": 0.6, "craft_gradient_balancing": "loss_scale", "craft_loss_scale_momentum": 0.99,
+        "craft_learnable_temperature": True, "craft_use_hidden_state_hook": True, **_AUTO_BETA,
     },
     "memory_efficient": {
-        "craft_alpha": 0.6, "craft_beta": 0.5, "craft_projection_dim": 128, "craft_temperature": 0.05,
-        "craft_use_gradcache": True, "craft_gradcache_chunk_size": 4, "craft_use_hidden_state_hook": True,
-        "craft_negative_strategy": "in_batch", "craft_gradient_balancing": "none",
+        "craft_alpha": 0.6, "craft_use_gradcache": True, "craft_gradcache_chunk_size": 4,
+        "craft_use_hidden_state_hook": True, "craft_projection_dim": 128, "craft_gradient_balancing": "loss_scale",
+        "craft_learnable_temperature": True, **_AUTO_BETA,
     },
     "large_batch": {
-        "craft_alpha": 0.6, "craft_beta": 0.5, "craft_projection_dim": 256, "craft_temperature": 0.05,
-        "craft_learnable_temperature": True, "craft_contrastive_batch_size": 256, "craft_use_gradcache": True,
-        "craft_gradcache_chunk_size": 16, "craft_negative_strategy": "queue", "craft_negative_queue_size": 16384,
-        "craft_gradient_balancing": "none",
+        "craft_alpha": 0.5, "craft_use_gradcache": True, "craft_gradcache_chunk_size": 8,
+        "craft_negative_strategy": "queue", "craft_negative_queue_size": 65536,
+        "craft_gradient_balancing": "loss_scale", "craft_learnable_temperature": True,
+        "craft_use_hidden_state_hook": True, **_AUTO_BETA,
     },
     "aggressive": {
-        "craft_alpha": 0.4, "craft_beta": 0.6, "craft_projection_dim": 256, "craft_temperature": 0.05,
-        "craft_learnable_temperature": True, "craft_negative_strategy": "queue", "craft_negative_queue_size": 4096,
-        "craft_gradient_balancing": "uncertainty", "craft_use_gradcache": False,
+        "craft_alpha": 0.4, "craft_gradient_balancing": "gradnorm", "craft_gradnorm_alpha": 1.5,
+        "craft_learnable_temperature": True, "craft_use_gradcache": True, "craft_negative_strategy": "queue",
+        "craft_negative_queue_size": 32768, **_AUTO_BETA,
     },
 }
+CRAFT_PRESETS = PRESETS  # contrastive-ft 0.4.3's name
 
-# auto_config rules
+
+def get_preset(name: str) -> dict:
+    """A copy of preset ``name`` (a `UserError`, i.e. a ValueError, for an unknown name)."""
+    if name not in PRESETS:
+        raise UserError(f"Unknown preset {name!r}; available presets: {', '.join(PRESETS)}")
+    return dict(PRESETS[name])
+
+# auto_configure rules
 MAX_PROJECTION_DIM = 256
-MIN_PROJECTION_DIM = 16
-BETA_RANGE = (0.1, 0.9)  # neither objective is starved whatever the dataset sizes
+MIN_PROJECTION_DIM = 64
+BETA_RANGE = (0.3, 0.8)  # SFT fraction: neither objective is starved whatever the dataset sizes
+# Without a model to estimate activation memory from: GradCache chunk size by available memory (GiB).
+MEMORY_THRESHOLDS = ((16, 2), (24, 4))
 QUEUE_MIN_CONTRASTIVE_ROWS = 10_000
 MAX_QUEUE_SIZE = 65_536
 MEMORY_SAFETY = 0.8  # plan with 80 % of the available memory
@@ -85,9 +95,7 @@ def config_from_preset(config_cls, name: str, output_dir: str, **overrides):
 
     An unknown preset or setting is a `UserError` naming it.
     """
-    if name not in PRESETS:
-        raise UserError(f"unknown CRAFT preset {name!r}; available presets: {', '.join(PRESETS)}")
-    return _build(config_cls, output_dir, {**PRESETS[name], **overrides})
+    return _build(config_cls, output_dir, {**get_preset(name), **overrides})
 
 
 # ---------------------------------------------------------------------------------------------- auto
@@ -138,6 +146,8 @@ def estimate_memory_bytes(model, sequence_length: int) -> tuple[int, int]:
 
 
 def _rows(dataset) -> int | None:
+    if dataset is None:
+        return None
     try:
         return len(dataset)
     except TypeError:
@@ -151,7 +161,10 @@ def _max_length(*datasets, sample: int = 256) -> int | None:
         if dataset is None or _rows(dataset) is None:
             continue
         for index in range(min(sample, len(dataset))):
-            row = dataset[index]
+            try:
+                row = dataset[index]
+            except (TypeError, KeyError, IndexError, NotImplementedError):  # sized but not indexable
+                break
             for key in ("input_ids", "input_ids_tgt"):
                 if isinstance(row, dict) and key in row and row[key] is not None:
                     longest = max(longest or 0, len(row[key]))
@@ -178,44 +191,61 @@ def _power_of_two_at_most(value: float) -> int:
     return 2 ** int(math.floor(math.log2(value))) if value >= 1 else 1
 
 
-def auto_config(config_cls, output_dir: str, model, sft_dataset, contrastive_dataset=None,
-                available_memory_gb: float | None = None, **overrides):
-    """A config whose CRAFT settings are derived from the model, the datasets and the memory; overrides win.
+def auto_configure(model=None, sft_dataset=None, contrastive_dataset=None, available_memory_gb: float | None = None,
+                   *, overrides: dict | None = None, config_cls=None) -> dict:
+    """CRAFT settings chosen from the model, the datasets and the memory, as a dict; starts from ``balanced``.
 
-    * ``craft_projection_dim`` = the largest power of two <= hidden_size / 2, within [16, 256].
-    * ``craft_beta`` (with a contrastive dataset) = n_con / (n_con + n_sft) in micro-batches (rows / batch
-      size), clamped to [0.1, 0.9]: both loaders end together.
-    * ``craft_use_gradcache`` / ``craft_gradcache_chunk_size``: with ``available_memory_gb`` (detected when
-      None: CUDA free memory, else system RAM), 80 % of it minus the static memory (`estimate_memory_bytes`) is
-      the activation budget; if the 2·B sequences of a contrastive batch do not fit, GradCache is on with the
-      largest power-of-two chunk that fits (at least 1).
+    * ``craft_projection_dim`` (with a model) = hidden_size // 4, within [64, 256].
+    * ``craft_beta`` (with both datasets) = n_sft / (n_sft + n_con) in micro-batches (rows / batch size; the SFT
+      fraction), clamped to [0.3, 0.8].
+    * ``craft_use_gradcache`` / ``craft_gradcache_chunk_size``: with a model whose config names its layers, 80 % of
+      ``available_memory_gb`` (detected when None: CUDA free memory, else system RAM) minus the static memory
+      (`estimate_memory_bytes`) is the activation budget; if the 2·B sequences of a contrastive batch do not fit,
+      GradCache is on with the largest power-of-two chunk that fits (at least 1). Without such a model but with
+      ``available_memory_gb``: below 16 GiB chunks of 2 and a head of at most 128, below 24 GiB chunks of 4.
     * ``craft_negative_strategy="queue"`` for >= 10 000 contrastive rows, with a queue of the largest power of
       two <= rows / 2, at most 65 536 (smaller than half an epoch, so a row's own positive is rarely queued).
 
-    Every choice is logged (``logging.info``) with its reason; the return value is ``config_cls(...)``.
+    ``overrides`` (settings the caller fixes; they are not in the result) and ``config_cls`` (for default batch
+    sizes) come from `auto_config`. Every choice is logged (``logging.info``) with its reason.
     """
-    choices: dict = {}
-    hidden = int(_text_config(model).hidden_size)
-    dim = min(MAX_PROJECTION_DIM, max(MIN_PROJECTION_DIM, _power_of_two_at_most(hidden / 2)))
-    _choose(choices, overrides, "craft_projection_dim", dim,
-            f"hidden size {hidden}: largest power of two <= hidden/2, within [{MIN_PROJECTION_DIM}, {MAX_PROJECTION_DIM}]")
+    overrides = dict(overrides or {})
+    choices: dict = {key: value for key, value in PRESETS["balanced"].items() if key not in overrides}
+    if model is not None:
+        hidden = int(_text_config(model).hidden_size)
+        dim = min(MAX_PROJECTION_DIM, max(MIN_PROJECTION_DIM, hidden // 4))
+        _choose(choices, overrides, "craft_projection_dim", dim,
+                f"hidden size {hidden}: hidden/4 within [{MIN_PROJECTION_DIM}, {MAX_PROJECTION_DIM}]")
 
-    sft_batch = overrides.get("per_device_train_batch_size", _field_default(config_cls, "per_device_train_batch_size"))
+    default_batch = _field_default(config_cls, "per_device_train_batch_size") if config_cls is not None else 8
+    sft_batch = overrides.get("per_device_train_batch_size", default_batch)
     con_batch = overrides.get("craft_contrastive_batch_size") or sft_batch
-    n_sft, n_con = _rows(sft_dataset), _rows(contrastive_dataset) if contrastive_dataset is not None else None
+    n_sft, n_con = _rows(sft_dataset), _rows(contrastive_dataset)
     if n_sft and n_con:
         sft_batches, con_batches = math.ceil(n_sft / sft_batch), math.ceil(n_con / con_batch)
-        raw = con_batches / (con_batches + sft_batches)
+        raw = sft_batches / (con_batches + sft_batches)
         beta = round(min(BETA_RANGE[1], max(BETA_RANGE[0], raw)), 4)
         _choose(choices, overrides, "craft_beta", beta,
-                f"{con_batches} contrastive and {sft_batches} SFT micro-batches per epoch give beta {raw:.4f} "
+                f"{sft_batches} SFT and {con_batches} contrastive micro-batches per epoch give beta {raw:.4f} "
                 f"(both loaders end together), clamped to {list(BETA_RANGE)}")
     else:
         logger.info("CRAFT auto: craft_beta left at its default: %s",
                     "no separate contrastive dataset (self-align draws its positives from the SFT batches)"
                     if contrastive_dataset is None else "a dataset has no length")
 
-    _choose_gradcache(choices, overrides, model, sft_dataset, contrastive_dataset, con_batch, available_memory_gb)
+    layers = getattr(_text_config(model), "num_hidden_layers", None) if model is not None else None
+    if layers is not None:
+        _choose_gradcache(choices, overrides, model, sft_dataset, contrastive_dataset, con_batch, available_memory_gb)
+    elif available_memory_gb is not None:
+        for limit, chunk in MEMORY_THRESHOLDS:
+            if available_memory_gb < limit:
+                reason = f"{available_memory_gb} GiB < {limit} GiB and no model config to estimate activations from"
+                _choose(choices, overrides, "craft_use_gradcache", True, reason)
+                _choose(choices, overrides, "craft_gradcache_chunk_size", chunk, reason)
+                if limit == MEMORY_THRESHOLDS[0][0]:
+                    dim = min(choices.get("craft_projection_dim", MAX_PROJECTION_DIM), 128)
+                    _choose(choices, overrides, "craft_projection_dim", dim, reason)
+                break
 
     if n_con is not None and n_con >= QUEUE_MIN_CONTRASTIVE_ROWS:
         size = min(MAX_QUEUE_SIZE, _power_of_two_at_most(n_con / 2))
@@ -223,6 +253,14 @@ def auto_config(config_cls, output_dir: str, model, sft_dataset, contrastive_dat
                 f"{n_con} contrastive rows (>= {QUEUE_MIN_CONTRASTIVE_ROWS}): past positives add negatives")
         _choose(choices, overrides, "craft_negative_queue_size", size,
                 f"largest power of two <= half of the {n_con} contrastive rows, at most {MAX_QUEUE_SIZE}")
+    return choices
+
+
+def auto_config(config_cls, output_dir: str, model=None, sft_dataset=None, contrastive_dataset=None,
+                available_memory_gb: float | None = None, **overrides):
+    """``config_cls(output_dir=output_dir, **auto_configure(...), **overrides)`` (overrides win)."""
+    choices = auto_configure(model, sft_dataset, contrastive_dataset, available_memory_gb, overrides=overrides,
+                             config_cls=config_cls)
     return _build(config_cls, output_dir, {**choices, **overrides})
 
 

@@ -10,11 +10,15 @@ Trainer's logging interval.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from craft.accumulator import WindowCounts
 from craft.gradient_balancing import CONTRASTIVE_TASK, SFT_TASK
 from craft.metrics import contrastive_accuracy
+
+logger = logging.getLogger("craft.trainers")
 
 
 class WindowLog:
@@ -41,7 +45,7 @@ class CRAFTLoggingMixin:
             self._craft_logs["metrics/craft_representation_consistency"].append(ema.representation_consistency(anchors))
             ema.update(anchors)
         if args.craft_learnable_temperature and args.craft_metric_enabled("temperature"):
-            self._craft_logs["metrics/craft_temperature"].append(self.craft_objective.infonce.temperature)
+            self._craft_logs["metrics/craft_temperature"].append(float(self.craft_objective.infonce.temperature))
 
     def _craft_end_micro_batch(self) -> None:
         window = self._craft_window
@@ -59,6 +63,19 @@ class CRAFTLoggingMixin:
             total += (1 - alpha) * contrast
         self._craft_logs["loss/craft_total"].append(total)
         self._craft_end_step_balancing(window)
+        if self.args.craft_debug:
+            memory = (f", peak CUDA memory {torch.cuda.max_memory_allocated() / 2**30:.3f} GiB"
+                      if torch.cuda.is_available() and torch.cuda.is_initialized() else "")
+            logger.info("CRAFT debug step %d: %s%s", self.state.global_step,
+                        ", ".join(f"{name}={values[-1]:.6g}" for name, values in self._craft_logs.items()
+                                  if name.startswith(("loss/", "balancing/"))), memory)
+
+    def _craft_debug_window(self, what: str) -> None:
+        """craft_debug: the window's counts and loss weights, when it opens."""
+        scaler = self._craft_scaler
+        logger.info("CRAFT debug step %d: %s; N_sft=%d tokens, M_con=%d InfoNCE terms (all ranks); weight %.6g per "
+                    "SFT token, %.6g per InfoNCE term", self.state.global_step, what, scaler.counts.sft_tokens,
+                    scaler.counts.contrastive_terms, scaler.sft_token_weight, scaler.contrastive_term_weight)
 
     def _craft_end_step_balancing(self, window: WindowLog) -> None:
         """Log the step's effective weights (alpha-weight x balancing weight); loss_scale and gradnorm get the
@@ -77,9 +94,19 @@ class CRAFTLoggingMixin:
                                    for task in (SFT_TASK, CONTRASTIVE_TASK) if sums[2 * task + 1] > 0}
         balancing.end_step(self._craft_step_losses)
 
+    @property
+    def craft_metrics(self) -> dict[str, float]:
+        """The latest CRAFT terms and metrics, as the trainer logs them (``loss/craft_sft``, ``loss/craft_contrast``,
+        ``loss/craft_total``, ``metrics/craft_*``, ``balancing/*``): the averages of the last logging interval,
+        updated by the steps taken since (so after `train()` they cover its last steps)."""
+        latest = getattr(self, "_craft_latest_logs", {})
+        pending = {name: sum(values) / len(values) for name, values in self._craft_logs.items() if values}
+        return {**latest, **pending}
+
     def log(self, logs, start_time=None):
         """Trainer logs plus the CRAFT terms averaged over the logging interval (training logs only)."""
         if "loss" in logs and self._craft_logs:
-            logs.update({name: sum(values) / len(values) for name, values in self._craft_logs.items()})
+            self._craft_latest_logs = {name: sum(values) / len(values) for name, values in self._craft_logs.items()}
+            logs.update(self._craft_latest_logs)
             self._craft_logs.clear()
         return super().log(logs, start_time)

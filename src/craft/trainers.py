@@ -6,7 +6,8 @@
     J = craft_alpha * L_sft + (1 - craft_alpha) * L_con
 
 (`craft.accumulator` has the definition and the per-micro-batch weights). The train loader is a
-`craft.data.CRAFTMixedDataLoader`; each micro-batch is tagged "sft" or "contrastive":
+`craft.data.CRAFTMixedDataLoader`; each micro-batch is tagged "sft" or "craft" (contrastive; "contrastive" is
+accepted too):
 
 * SFT micro-batch: the host trainer's own causal-LM loss, as a token sum, weighted by alpha * W / N_sft.
   With `strategy="self_align"` the same forward also gives the InfoNCE term: the last hidden state [B, T, H] is
@@ -52,21 +53,39 @@ from craft.accumulator import (
     batch_type,
     count_window,
     sft_target_count,
+    tag_kind,
 )
 from craft.config import CRAFTConfigMixin
-from craft.data import CRAFTCollator, CRAFTMixedDataLoader, build_loader
+from craft.data import (
+    CONTRASTIVE_KEYS,
+    CRAFTCollator,
+    CRAFTMixedDataLoader,
+    build_loader,
+    canonical_columns,
+    make_craft_datasets,
+)
 from craft.encoding import (forward_hidden, hidden_state_capture, ids_and_mask, paired_sides, self_align_masks,
                             stack_right_padded, with_default_labels)
 from craft.errors import UserError
 from craft.gradcache import contrastive_gradcache
 from craft.gradient_balancing import CONTRASTIVE_TASK, SFT_TASK, BalancedScaler
-from craft.hooks import unwrap_model
+from craft.hooks import last_hidden_state, unwrap_model
 from craft.objective import OBJECTIVE_NAME, ContrastiveObjective, attach_objective, objective_tensors
 from craft.trainer_logging import CRAFTLoggingMixin, WindowLog
 
 CRAFT_STATE_NAME = "craft_state.pt"
 # Keys a model forward accepts besides those in its signature.
 _LABEL_KEYS = ("labels", "shift_labels")
+
+
+class _RenamedRows:
+    """A collator applied to rows whose craft_contrastive_keys columns are renamed to the canonical names."""
+
+    def __init__(self, collator, keys: dict[str, str]):
+        self.collator, self.keys = collator, keys
+
+    def __call__(self, rows):
+        return self.collator([canonical_columns(row, self.keys) for row in rows])
 
 
 class _MixedBatches(IterableDataset):
@@ -137,6 +156,7 @@ class CRAFTTrainerMixin(CRAFTLoggingMixin):
         base = unwrap_model(self.model)
         objective = ContrastiveObjective.from_config(base.config.get_text_config().hidden_size, self.args)
         attach_objective(base, objective.to(self.args.device))
+        self._craft_check_compat_keys()
         self._craft_step_losses: dict[int, float] = {}
         self._craft_forward_names = set(inspect.signature(base.forward).parameters) | set(_LABEL_KEYS)
         self._craft_window: WindowLog | None = None
@@ -167,6 +187,27 @@ class CRAFTTrainerMixin(CRAFTLoggingMixin):
     def craft_self_align(self) -> bool:
         return self.craft_strategy == "self_align"
 
+    @property
+    def _craft_custom_keys(self) -> dict[str, str] | None:
+        """``craft_contrastive_keys`` when it names other columns than the canonical ones, else None."""
+        keys = self.args.craft_contrastive_keys
+        return None if keys == CONTRASTIVE_KEYS else keys
+
+    def _craft_check_compat_keys(self) -> None:
+        """Errors for craft_assistant_mask_strategy / craft_contrastive_keys that cannot work with the bundle."""
+        if self.craft_self_align and self.args.craft_assistant_mask_strategy == "none":
+            raise UserError("craft_assistant_mask_strategy='none' leaves self_align without an assistant span to "
+                            "take positives from; use 'auto' or 'provided', or strategy='paired_dataset'")
+        bundle = self.craft_bundle
+        if self._craft_custom_keys and not self.craft_self_align:
+            make_craft_datasets(bundle.sft_dataset, bundle.contrastive_dataset, "paired_dataset",
+                                contrastive_keys=self._craft_custom_keys)
+
+    def _craft_canonical(self, batch):
+        """A contrastive micro-batch with its craft_contrastive_keys columns under the canonical names."""
+        keys = self._craft_custom_keys
+        return canonical_columns(batch, keys) if keys and batch_type(batch) == CONTRASTIVE else batch
+
     def _craft_collator(self):
         if self._craft_user_collator is not None:
             return self._craft_user_collator
@@ -177,17 +218,20 @@ class CRAFTTrainerMixin(CRAFTLoggingMixin):
         return CRAFTCollator(pad_token_id=pad_id, assistant_mask_key=self.args.craft_assistant_mask_key,
                              add_labels=True)
 
-    def _craft_build_loader(self, dataset, batch_size: int) -> DataLoader:
+    def _craft_build_loader(self, dataset, batch_size: int, contrastive: bool = False) -> DataLoader:
         args = self.args
         seed = args.data_seed if args.data_seed is not None else args.seed
-        return build_loader(dataset, batch_size, self._craft_collator(), shuffle=True, seed=seed,
+        collator = self._craft_collator()
+        if contrastive and self._craft_custom_keys:  # renamed before padding: the collator pads token columns
+            collator = _RenamedRows(collator, self._craft_custom_keys)
+        return build_loader(dataset, batch_size, collator, shuffle=True, seed=seed,
                             drop_last=args.dataloader_drop_last, num_replicas=args.world_size,
                             rank=args.process_index)
 
     def build_craft_mixed_loader(self) -> CRAFTMixedDataLoader:
         """The mixed SFT / contrastive micro-batch loader of one epoch (custom loaders take precedence).
 
-        Self-align without a separate contrastive dataset or loader yields SFT micro-batches only (beta = 0):
+        Self-align without a separate contrastive dataset or loader yields SFT micro-batches only (beta = 1):
         every one of them gives both losses from its single forward.
         """
         args = self.args
@@ -196,10 +240,11 @@ class CRAFTTrainerMixin(CRAFTLoggingMixin):
         bundle = self.craft_bundle
         if (self.craft_self_align and self._craft_contrastive_loader is None
                 and bundle.contrastive_dataset is bundle.sft_dataset):
-            return CRAFTMixedDataLoader(sft_loader, None, beta=0.0,
+            return CRAFTMixedDataLoader(sft_loader, None, beta=1.0,
                                         gradient_accumulation_steps=args.gradient_accumulation_steps)
         contrastive_loader = self._craft_contrastive_loader or self._craft_build_loader(
-            bundle.contrastive_dataset, args.craft_contrastive_batch_size or args.per_device_train_batch_size)
+            bundle.contrastive_dataset, args.craft_contrastive_batch_size or args.per_device_train_batch_size,
+            contrastive=True)
         return CRAFTMixedDataLoader(sft_loader, contrastive_loader, beta=args.craft_beta,
                                     gradient_accumulation_steps=args.gradient_accumulation_steps,
                                     length_strategy=args.craft_length_strategy, beta_mode=args.craft_beta_mode)
@@ -216,7 +261,7 @@ class CRAFTTrainerMixin(CRAFTLoggingMixin):
         Returns (batches, N_sft) with N_sft the window's SFT target tokens over all ranks; contrastive
         micro-batches never count as SFT tokens.
         """
-        batches = [with_default_labels(batch, batch_type(batch))
+        batches = [with_default_labels(self._craft_canonical(batch), batch_type(batch))
                    for batch in itertools.islice(epoch_iterator, num_batches)]
         shifted = getattr(self, "_loss_shifts_labels", True)
         local = count_window(batches, self.craft_self_align, labels_are_shifted_by_model=shifted)
@@ -228,6 +273,9 @@ class CRAFTTrainerMixin(CRAFTLoggingMixin):
             total = WindowCounts(int(summed[0]), int(summed[1]))
         self._craft_scaler = self._craft_balanced_scaler(AccumulationScaler(self.args.craft_alpha, total, world))
         self._craft_window = WindowLog(local, len(batches))
+        if self.args.craft_debug:
+            shapes = ", ".join(f"{batch_type(b)} {tuple(b['input_ids'].shape)}" for b in batches)
+            self._craft_debug_window(f"micro-batches [{shapes}]")
         return batches, torch.tensor(total.sft_tokens, device=device)
 
     def _craft_balanced_scaler(self, scaler: AccumulationScaler) -> BalancedScaler:
@@ -249,6 +297,7 @@ class CRAFTTrainerMixin(CRAFTLoggingMixin):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """Training: the micro-batch's share of J (see module docstring). Evaluation: the host's plain SFT loss."""
         kind = inputs.pop(BATCH_TYPE_KEY, None)
+        kind = None if kind is None else tag_kind(kind)  # contrastive-ft's "craft" and "contrastive" alike
         if not model.training:
             return super().compute_loss(model, self._craft_model_inputs(inputs), return_outputs=return_outputs,
                                         num_items_in_batch=num_items_in_batch)
@@ -365,7 +414,10 @@ class CRAFTTrainerMixin(CRAFTLoggingMixin):
         return 0.0
 
     def _self_align_masks(self, batch):
-        return self_align_masks(batch, self.args.craft_assistant_mask_key)
+        return self_align_masks(batch, self.args.craft_assistant_mask_key, self.args.craft_assistant_mask_strategy)
+
+    # contrastive-ft 0.4.3's name for `craft.hooks.last_hidden_state`.
+    _extract_last_hidden_state = staticmethod(last_hidden_state)
 
     def _pooled_infonce(self, hidden, anchor_mask, positive_mask):
         objective = self.craft_objective

@@ -10,8 +10,8 @@ Per optimizer step the parameters follow the gradient of
 * ``L_host`` is the host's own step objective: the loss its ``compute_loss`` returns, scaled by ``craft_alpha``
   (times the balancing weight), then normalised exactly as the host and Trainer normalise it.
 * ``L_con`` is the mean InfoNCE over the step's contrastive micro-batches. Host micro-batch ``k`` (counted over
-  the run) is accompanied by one contrastive micro-batch iff ``floor((k+1)·β) > floor(k·β)`` (β =
-  ``craft_beta``, as `craft.data.CRAFTMixedDataLoader` schedules them); its InfoNCE is weighted
+  the run) is accompanied by one contrastive micro-batch iff ``floor((k+1)·γ) > floor(k·γ)`` (γ =
+  1 - ``craft_beta``, as `craft.data.CRAFTMixedDataLoader` schedules them); its InfoNCE is weighted
   ``(1 - alpha) / M`` (M = the step's contrastive micro-batches) and backpropagated right away, under DDP's
   ``no_sync`` (the host's last backward of the step all-reduces the sum).
 
@@ -27,11 +27,12 @@ from torch.utils.data import DistributedSampler
 
 from craft.accumulator import AccumulationScaler, WindowCounts
 from craft.config import TRLFeatureUnavailable, trl_version
-from craft.data import CRAFTCollator, is_contrastive_step
+from craft.data import CRAFTCollator, canonical_columns, is_contrastive_step
 from craft.errors import UserError
 from craft.gradient_balancing import CONTRASTIVE_TASK, SFT_TASK
+from craft.preference_rows import PreTokenisedPreferenceRows
 from craft.trainer_logging import WindowLog
-from craft.trainers import CRAFTTrainerMixin
+from craft.trainers import CRAFTTrainerMixin, _RenamedRows
 
 
 class CRAFTAuxiliaryContrastiveMixin(CRAFTTrainerMixin):
@@ -62,6 +63,8 @@ class CRAFTAuxiliaryContrastiveMixin(CRAFTTrainerMixin):
             pad_id = getattr(tokenizer, "pad_token_id", None)
             collator = CRAFTCollator(pad_token_id=0 if pad_id is None else pad_id,
                                      assistant_mask_key=self.args.craft_assistant_mask_key)
+            if self._craft_custom_keys:
+                collator = _RenamedRows(collator, self._craft_custom_keys)
             args = self.args
             seed = args.data_seed if args.data_seed is not None else args.seed
             from craft.data import build_loader
@@ -79,7 +82,7 @@ class CRAFTAuxiliaryContrastiveMixin(CRAFTTrainerMixin):
     def _craft_next_contrastive_batch(self) -> dict:
         if self._craft_contrastive_iterator is None:
             self._craft_contrastive_iterator = self._craft_contrastive_batches()
-        batch = next(self._craft_contrastive_iterator)
+        batch = canonical_columns(next(self._craft_contrastive_iterator), self._craft_custom_keys)
         device = self.args.device
         return {k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()}
 
@@ -98,6 +101,8 @@ class CRAFTAuxiliaryContrastiveMixin(CRAFTTrainerMixin):
         scaler = AccumulationScaler(self.args.craft_alpha, WindowCounts(num_micro_batches, terms * world), world)
         self._craft_scaler = self._craft_balanced_scaler(scaler)
         self._craft_window = WindowLog(WindowCounts(num_micro_batches, terms), num_micro_batches)
+        if self.args.craft_debug:
+            self._craft_debug_window(f"{num_micro_batches} host micro-batches, {terms} contrastive on this rank")
 
     # ------------------------------------------------------------------------------------------- losses
 
@@ -148,7 +153,11 @@ class CRAFTAuxiliaryContrastiveMixin(CRAFTTrainerMixin):
 def _wrapper(host_name: str, host_class, config_name: str):
     doc = (f"`{host_name}` with CRAFT (`craft.trl_wrappers`): the host's arguments plus ``craft_bundle`` "
            f"(and optionally ``craft_contrastive_loader``); ``args`` is a `craft.config.{config_name}`.")
-    return type(f"CRAFT{host_class.__name__}", (CRAFTAuxiliaryContrastiveMixin, host_class), {"__doc__": doc})
+    bases = (CRAFTAuxiliaryContrastiveMixin, host_class)
+    if host_name == "ORPOTrainer":  # TRL's ORPO tokenises text rows only; pre-tokenised ones are completed
+        doc += " Pre-tokenised preference rows are accepted (`craft.preference_rows`)."
+        bases = (CRAFTAuxiliaryContrastiveMixin, PreTokenisedPreferenceRows, host_class)
+    return type(f"CRAFT{host_class.__name__}", bases, {"__doc__": doc})
 
 
 def _trl_class(name: str):
