@@ -56,14 +56,7 @@ from craft.accumulator import (
     tag_kind,
 )
 from craft.config import CRAFTConfigMixin
-from craft.data import (
-    CONTRASTIVE_KEYS,
-    CRAFTCollator,
-    CRAFTMixedDataLoader,
-    build_loader,
-    canonical_columns,
-    make_craft_datasets,
-)
+from craft.data import CRAFTCollator, CRAFTMixedDataLoader, build_loader
 from craft.encoding import (forward_hidden, hidden_state_capture, ids_and_mask, paired_sides, self_align_masks,
                             stack_right_padded, with_default_labels)
 from craft.errors import UserError
@@ -71,21 +64,12 @@ from craft.gradcache import contrastive_gradcache
 from craft.gradient_balancing import CONTRASTIVE_TASK, SFT_TASK, BalancedScaler
 from craft.hooks import last_hidden_state, unwrap_model
 from craft.objective import OBJECTIVE_NAME, ContrastiveObjective, attach_objective, objective_tensors
+from craft.trainer_keys import CRAFTBatchKeysMixin, RenamedRows
 from craft.trainer_logging import CRAFTLoggingMixin, WindowLog
 
 CRAFT_STATE_NAME = "craft_state.pt"
 # Keys a model forward accepts besides those in its signature.
 _LABEL_KEYS = ("labels", "shift_labels")
-
-
-class _RenamedRows:
-    """A collator applied to rows whose craft_contrastive_keys columns are renamed to the canonical names."""
-
-    def __init__(self, collator, keys: dict[str, str]):
-        self.collator, self.keys = collator, keys
-
-    def __call__(self, rows):
-        return self.collator([canonical_columns(row, self.keys) for row in rows])
 
 
 class _MixedBatches(IterableDataset):
@@ -112,7 +96,7 @@ class _MixedBatchLoader(DataLoader):
         self.dataset.mixed.set_epoch(epoch)
 
 
-class CRAFTTrainerMixin(CRAFTLoggingMixin):
+class CRAFTTrainerMixin(CRAFTLoggingMixin, CRAFTBatchKeysMixin):
     """CRAFT for a `transformers.Trainer` subclass: `class MyTrainer(CRAFTTrainerMixin, Trainer)`.
 
     Extra keyword arguments:
@@ -187,27 +171,6 @@ class CRAFTTrainerMixin(CRAFTLoggingMixin):
     def craft_self_align(self) -> bool:
         return self.craft_strategy == "self_align"
 
-    @property
-    def _craft_custom_keys(self) -> dict[str, str] | None:
-        """``craft_contrastive_keys`` when it names other columns than the canonical ones, else None."""
-        keys = self.args.craft_contrastive_keys
-        return None if keys == CONTRASTIVE_KEYS else keys
-
-    def _craft_check_compat_keys(self) -> None:
-        """Errors for craft_assistant_mask_strategy / craft_contrastive_keys that cannot work with the bundle."""
-        if self.craft_self_align and self.args.craft_assistant_mask_strategy == "none":
-            raise UserError("craft_assistant_mask_strategy='none' leaves self_align without an assistant span to "
-                            "take positives from; use 'auto' or 'provided', or strategy='paired_dataset'")
-        bundle = self.craft_bundle
-        if self._craft_custom_keys and not self.craft_self_align:
-            make_craft_datasets(bundle.sft_dataset, bundle.contrastive_dataset, "paired_dataset",
-                                contrastive_keys=self._craft_custom_keys)
-
-    def _craft_canonical(self, batch):
-        """A contrastive micro-batch with its craft_contrastive_keys columns under the canonical names."""
-        keys = self._craft_custom_keys
-        return canonical_columns(batch, keys) if keys and batch_type(batch) == CONTRASTIVE else batch
-
     def _craft_collator(self):
         if self._craft_user_collator is not None:
             return self._craft_user_collator
@@ -223,7 +186,7 @@ class CRAFTTrainerMixin(CRAFTLoggingMixin):
         seed = args.data_seed if args.data_seed is not None else args.seed
         collator = self._craft_collator()
         if contrastive and self._craft_custom_keys:  # renamed before padding: the collator pads token columns
-            collator = _RenamedRows(collator, self._craft_custom_keys)
+            collator = RenamedRows(collator, self._craft_custom_keys)
         return build_loader(dataset, batch_size, collator, shuffle=True, seed=seed,
                             drop_last=args.dataloader_drop_last, num_replicas=args.world_size,
                             rank=args.process_index)

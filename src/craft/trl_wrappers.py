@@ -32,7 +32,8 @@ from craft.errors import UserError
 from craft.gradient_balancing import CONTRASTIVE_TASK, SFT_TASK
 from craft.preference_rows import PreTokenisedPreferenceRows
 from craft.trainer_logging import WindowLog
-from craft.trainers import CRAFTTrainerMixin, _RenamedRows
+from craft.trainer_keys import RenamedRows
+from craft.trainers import CRAFTTrainerMixin
 
 
 class CRAFTAuxiliaryContrastiveMixin(CRAFTTrainerMixin):
@@ -64,7 +65,7 @@ class CRAFTAuxiliaryContrastiveMixin(CRAFTTrainerMixin):
             collator = CRAFTCollator(pad_token_id=0 if pad_id is None else pad_id,
                                      assistant_mask_key=self.args.craft_assistant_mask_key)
             if self._craft_custom_keys:
-                collator = _RenamedRows(collator, self._craft_custom_keys)
+                collator = RenamedRows(collator, self._craft_custom_keys)
             args = self.args
             seed = args.data_seed if args.data_seed is not None else args.seed
             from craft.data import build_loader
