@@ -10,6 +10,7 @@ import re
 import pytest
 import torch
 from craft_scale_helpers import COLLATE, craft_trainer, pair_rows, step_gradients, trainable, window
+from datasets import Dataset
 
 from craft.data import make_craft_datasets
 from craft.errors import UserError
@@ -129,3 +130,34 @@ def test_debug_logs_each_window(tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="craft.trainers"):
         quiet.train()
     assert not [r for r in caplog.records if "CRAFT debug" in r.getMessage()]
+
+
+def test_original_trainer_arguments_loader_factory_and_contrastive_collator(tmp_path):
+    from torch.utils.data import DataLoader
+
+    from craft.config import CRAFTSFTConfig
+    from craft.testing import make_tokenizer, tiny_model
+    from craft.trainers import CRAFTSFTTrainer
+    from craft_scale_helpers import chat_rows
+
+    sft, pairs = chat_rows(8, seed=1), pair_rows(8, seed=2)
+    sft_loader = DataLoader(sft, batch_size=4, collate_fn=COLLATE)
+    contrastive_loader = DataLoader(pairs, batch_size=2, collate_fn=COLLATE)
+    args = CRAFTSFTConfig(output_dir=str(tmp_path), use_cpu=True, report_to=[], craft_beta=0.5,
+                          craft_projection_dim=16)
+    common = dict(model=tiny_model("llama"), args=args, train_dataset=Dataset.from_list(sft),
+                  contrastive_dataset=Dataset.from_list(pairs), data_collator=COLLATE, processing_class=make_tokenizer())
+    trainer = CRAFTSFTTrainer(**common, craft_loader_factory=lambda t: (sft_loader, contrastive_loader))
+    mixed = trainer.build_craft_mixed_loader()
+    assert mixed.sft_loader is sft_loader and mixed.contrastive_loader is contrastive_loader
+    assert (mixed.num_sft_batches, mixed.num_contrastive_batches) == (2, 4)
+
+    def tagging(rows):
+        return {**COLLATE(rows), "collated_by": torch.ones(len(rows))}
+
+    trainer = CRAFTSFTTrainer(**{**common, "model": tiny_model("llama")}, craft_collator=tagging)
+    batches = list(trainer.build_craft_mixed_loader())
+    assert all(("collated_by" in b) == (b["craft_batch_type"] == "craft") for b in batches)
+    with pytest.raises(UserError, match="craft_loader_factory must return"):
+        CRAFTSFTTrainer(**{**common, "model": tiny_model("llama")},
+                        craft_loader_factory=lambda t: sft_loader).build_craft_mixed_loader()

@@ -393,7 +393,17 @@ def test_trainer_requires_craft_config_and_bundle():
         PlainCRAFTTrainer(model=tiny_model("llama"), args=TrainingArguments("o", use_cpu=True), train_dataset=sft,
                           craft_bundle=bundle)
     with pytest.raises(UserError, match="craft_bundle"):
-        PlainCRAFTTrainer(model=tiny_model("llama"), args=_config(CRAFTTrainingArguments), train_dataset=sft)
+        PlainCRAFTTrainer(model=tiny_model("llama"), args=_config(CRAFTTrainingArguments))
+    # contrastive-ft 0.4.3's defaults: no bundle means self-align on train_dataset, or paired with a dataset
+    trainer = PlainCRAFTTrainer(model=tiny_model("llama"), args=_config(CRAFTTrainingArguments), train_dataset=sft)
+    assert trainer.craft_strategy == "self_align" and trainer.craft_bundle.sft_dataset is sft
+    pairs = _as_dataset(_pair_rows(4, 2))
+    trainer = PlainCRAFTTrainer(model=tiny_model("llama"), args=_config(CRAFTTrainingArguments), train_dataset=sft,
+                                contrastive_dataset=pairs)
+    assert trainer.craft_strategy == "paired_dataset" and trainer.craft_bundle.contrastive_dataset is pairs
+    with pytest.raises(UserError, match="either craft_bundle or contrastive_dataset"):
+        PlainCRAFTTrainer(model=tiny_model("llama"), args=_config(CRAFTTrainingArguments), train_dataset=sft,
+                          craft_bundle=bundle, craft_strategy="self_align")
 
 
 def test_eval_loss_is_the_plain_sft_loss(tmp_path):

@@ -1,5 +1,8 @@
-"""contrastive-ft 0.4.3's batch keys in a CRAFT trainer: ``craft_contrastive_keys`` and
-``craft_assistant_mask_strategy``.
+"""contrastive-ft 0.4.3's trainer arguments and batch keys in a CRAFT trainer.
+
+* Without ``craft_bundle``, ``contrastive_dataset`` / ``craft_strategy`` build it from the trainer's
+  ``train_dataset`` (`make_craft_datasets`; paired with a contrastive dataset, else self-align);
+  ``craft_loader_factory(trainer)`` returns ``(sft_loader, contrastive_loader or None)``.
 
 * ``craft_contrastive_keys`` maps the canonical contrastive columns (``anchor_input_ids`` -> ``input_ids``, ...,
   `craft.data.CONTRASTIVE_KEYS`) to the dataset's own names. Rows of the contrastive dataset are renamed before
@@ -27,8 +30,29 @@ class RenamedRows:
 
 
 class CRAFTBatchKeysMixin:
-    """The batch-key half of `craft.trainers.CRAFTTrainerMixin` (expects ``args``, ``craft_bundle``,
-    ``craft_self_align`` on the trainer)."""
+    """The contrastive-ft-argument half of `craft.trainers.CRAFTTrainerMixin` (expects ``args``,
+    ``train_dataset``, ``craft_bundle``, ``craft_self_align`` on the trainer)."""
+
+    def _craft_resolve_bundle(self, bundle, contrastive_dataset, strategy):
+        """``bundle``, or the one contrastive-ft 0.4.3 built from ``train_dataset`` and these two arguments."""
+        if bundle is not None:
+            if contrastive_dataset is not None or strategy is not None:
+                raise UserError("pass either craft_bundle or contrastive_dataset / craft_strategy, not both")
+            return bundle
+        if self.train_dataset is None:
+            raise UserError(f"{type(self).__name__} needs craft_bundle=make_craft_datasets(...) or a train_dataset")
+        strategy = strategy or ("paired_dataset" if contrastive_dataset is not None else "self_align")
+        return make_craft_datasets(self.train_dataset, contrastive_dataset, strategy,
+                                   assistant_mask_key=self.args.craft_assistant_mask_key,
+                                   contrastive_keys=self._craft_custom_keys)
+
+    def _craft_factory_loaders(self):
+        """``craft_loader_factory(trainer)``, checked: ``(sft_loader, contrastive_loader or None)``."""
+        produced = self._craft_loader_factory(self)
+        if not isinstance(produced, tuple) or len(produced) != 2 or produced[0] is None:
+            raise UserError("craft_loader_factory must return (sft_loader, contrastive_loader or None); got "
+                            f"{type(produced).__name__}")
+        return produced
 
     @property
     def _craft_custom_keys(self) -> dict[str, str] | None:

@@ -100,10 +100,13 @@ class CRAFTTrainerMixin(CRAFTLoggingMixin, CRAFTBatchKeysMixin):
     """CRAFT for a `transformers.Trainer` subclass: `class MyTrainer(CRAFTTrainerMixin, Trainer)`.
 
     Extra keyword arguments:
-        craft_bundle: the `craft.data.CRAFTDatasetBundle` of `make_craft_datasets` (strategy and datasets).
+        craft_bundle: the `craft.data.CRAFTDatasetBundle` of `make_craft_datasets` (strategy and datasets);
+            without one, ``contrastive_dataset`` and ``craft_strategy`` build it from ``train_dataset``
+            (paired with a contrastive dataset, else self-align), as contrastive-ft 0.4.3 did.
         craft_sft_loader / craft_contrastive_loader: DataLoaders used instead of the ones built from the datasets
             (batch size per_device_train_batch_size / craft_contrastive_batch_size, the trainer's data collator or
-            `CRAFTCollator`, seeded shuffling, sharded per rank).
+            `CRAFTCollator`, seeded shuffling, sharded per rank); or ``craft_loader_factory(trainer) ->
+            (sft_loader, contrastive_loader or None)``. ``craft_collator`` collates the built contrastive loader.
     `args` must be a CRAFT config (`CRAFTTrainingArguments`, `CRAFTSFTConfig`, ...).
 
     Subclasses change the contrastive computation by overriding `_contrastive_loss(model, batch)` (a whole
@@ -114,15 +117,16 @@ class CRAFTTrainerMixin(CRAFTLoggingMixin, CRAFTBatchKeysMixin):
     # transformers' Trainer does when the model accepts loss kwargs). None: decide from the Trainer's attributes.
     craft_host_normalises_by_num_items: bool | None = None
 
-    def __init__(self, *args, craft_bundle=None, craft_sft_loader=None, craft_contrastive_loader=None, **kwargs):
+    def __init__(self, *args, craft_bundle=None, craft_sft_loader=None, craft_contrastive_loader=None,
+                 contrastive_dataset=None, craft_strategy=None, craft_collator=None, craft_loader_factory=None, **kwargs):
         bound = inspect.signature(super().__init__).bind_partial(*args, **kwargs).arguments
         self._craft_user_collator = bound.get("data_collator")
         training_args = bound.get("args")
         if not isinstance(training_args, CRAFTConfigMixin):
             raise UserError(f"{type(self).__name__} needs args built from a CRAFT config (CRAFTSFTConfig, "
                             f"CRAFTTrainingArguments, ...); got {type(training_args).__name__}")
-        if craft_bundle is None:
-            raise UserError(f"{type(self).__name__} needs craft_bundle=make_craft_datasets(...)")
+        if craft_loader_factory is not None and (craft_sft_loader is not None or craft_contrastive_loader is not None):
+            raise UserError("pass either craft_loader_factory or craft_sft_loader / craft_contrastive_loader, not both")
         if training_args.ddp_find_unused_parameters:
             raise UserError("ddp_find_unused_parameters=True does not work with CRAFT: the contrastive objective's "
                             "parameters are used outside the model's forward, which DDP's unused-parameter search "
@@ -130,10 +134,12 @@ class CRAFTTrainerMixin(CRAFTLoggingMixin, CRAFTBatchKeysMixin):
         # transformers would turn the search on for models without gradient checkpointing.
         training_args.ddp_find_unused_parameters = False
         super().__init__(*args, **kwargs)
-        self.craft_bundle = craft_bundle
-        self.craft_strategy = craft_bundle.strategy
+        self.craft_bundle = self._craft_resolve_bundle(craft_bundle, contrastive_dataset, craft_strategy)
+        self.craft_strategy = self.craft_bundle.strategy
         self._craft_sft_loader = craft_sft_loader
         self._craft_contrastive_loader = craft_contrastive_loader
+        self._craft_contrastive_collator = craft_collator
+        self._craft_loader_factory = craft_loader_factory
         self.craft_mixed_loader: CRAFTMixedDataLoader | None = None
         # compute_loss returns window-normalised losses: Trainer must not divide them by the accumulation steps.
         self.loss_is_scaled_for_ga = True
@@ -184,7 +190,7 @@ class CRAFTTrainerMixin(CRAFTLoggingMixin, CRAFTBatchKeysMixin):
     def _craft_build_loader(self, dataset, batch_size: int, contrastive: bool = False) -> DataLoader:
         args = self.args
         seed = args.data_seed if args.data_seed is not None else args.seed
-        collator = self._craft_collator()
+        collator = (self._craft_contrastive_collator if contrastive else None) or self._craft_collator()
         if contrastive and self._craft_custom_keys:  # renamed before padding: the collator pads token columns
             collator = RenamedRows(collator, self._craft_custom_keys)
         return build_loader(dataset, batch_size, collator, shuffle=True, seed=seed,
@@ -198,6 +204,8 @@ class CRAFTTrainerMixin(CRAFTLoggingMixin, CRAFTBatchKeysMixin):
         every one of them gives both losses from its single forward.
         """
         args = self.args
+        if self._craft_loader_factory is not None:
+            self._craft_sft_loader, self._craft_contrastive_loader = self._craft_factory_loaders()
         sft_loader = self._craft_sft_loader or self._craft_build_loader(self.train_dataset,
                                                                          args.per_device_train_batch_size)
         bundle = self.craft_bundle
