@@ -68,7 +68,7 @@ def main(argv=None) -> int:
     summary = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else ""
     counts = {name: int(n) for n, name in re.findall(r"(\d+) (passed|failed|error|errors|skipped)", summary)}
     passed = counts.get("passed", 0)
-    collected = passed + counts.get("failed", 0) + counts.get("error", 0) + counts.get("errors", 0) + counts.get("skipped", 0)
+    collected = passed + sum(counts.get(kind, 0) for kind in ("failed", "error", "errors", "skipped"))
     rate = passed / collected if collected else 0.0
     print(f"RESULT compat: {passed}/{collected} of contrastive-ft 0.4.3's tests pass ({rate:.1%}); "
           f"required {args.min_pass:.0%}")

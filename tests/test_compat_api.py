@@ -234,7 +234,8 @@ def test_gradient_balancers_with_the_original_arguments():
 
     pc = craft.create_gradient_balancer("pcgrad", names, device)
     assert isinstance(pc, craft.PCGradBalancer) and pc.compute_weights({}) == {"sft": 1.0, "contrastive": 1.0}
-    projected = craft.PCGradBalancer.project_conflicting_gradients([torch.tensor([3.0, 4.0]), torch.tensor([-1.0, 0.0])])
+    gradients = [torch.tensor([3.0, 4.0]), torch.tensor([-1.0, 0.0])]
+    projected = craft.PCGradBalancer.project_conflicting_gradients(gradients)
     assert projected[0].tolist() == [0.0, 4.0] and projected[1].tolist() == pytest.approx([-0.64, 0.48])
     with pytest.raises(ValueError, match="Unknown gradient balancing strategy"):
         craft.create_gradient_balancer("magic", names, device)

@@ -146,7 +146,8 @@ def test_original_trainer_arguments_loader_factory_and_contrastive_collator(tmp_
     args = CRAFTSFTConfig(output_dir=str(tmp_path), use_cpu=True, report_to=[], craft_beta=0.5,
                           craft_projection_dim=16)
     common = dict(model=tiny_model("llama"), args=args, train_dataset=Dataset.from_list(sft),
-                  contrastive_dataset=Dataset.from_list(pairs), data_collator=COLLATE, processing_class=make_tokenizer())
+                  contrastive_dataset=Dataset.from_list(pairs), data_collator=COLLATE,
+                  processing_class=make_tokenizer())
     trainer = CRAFTSFTTrainer(**common, craft_loader_factory=lambda t: (sft_loader, contrastive_loader))
     mixed = trainer.build_craft_mixed_loader()
     assert mixed.sft_loader is sft_loader and mixed.contrastive_loader is contrastive_loader

@@ -175,8 +175,8 @@ def make_craft_datasets(primary_dataset: Any, contrastive_dataset: Any = None, s
     if contrastive_dataset is None:
         contrastive_dataset = primary_dataset
     elif contrastive_dataset is not primary_dataset:
-        _require_any(contrastive_dataset, "contrastive dataset", ("labels", *assistant_mask_columns(assistant_mask_key)),
-                     why)
+        columns = ("labels", *assistant_mask_columns(assistant_mask_key))
+        _require_any(contrastive_dataset, "contrastive dataset", columns, why)
     return CRAFTDatasetBundle(primary_dataset, contrastive_dataset, strategy, assistant_mask_key)
 
 
@@ -194,7 +194,8 @@ def assistant_token_mask(batch: Mapping[str, Tensor], assistant_mask_key: str = 
         mask = batch[column] != 0
     elif strategy == "provided":
         raise UserError(f"craft_assistant_mask_strategy='provided' needs the {assistant_mask_key!r} column "
-                        f"(craft_assistant_mask_key) in every self-align batch; the batch has: {', '.join(sorted(batch))}")
+                        "(craft_assistant_mask_key) in every self-align batch; the batch has: "
+                        f"{', '.join(sorted(batch))}")
     elif "labels" in batch:
         mask = batch["labels"] != -100
     else:

@@ -216,7 +216,8 @@ class GradCacheContrastiveLoss(torch.nn.Module):
         ids, mask = chunk
         autocast = (torch.autocast("cuda") if self.config.use_amp and ids.is_cuda else contextlib.nullcontext())
         with autocast:
-            hidden = last_hidden_state(self.backbone(input_ids=ids, attention_mask=mask, use_cache=False, return_dict=True))
+            output = self.backbone(input_ids=ids, attention_mask=mask, use_cache=False, return_dict=True)
+            hidden = last_hidden_state(output)
             return self.pooling_fn(hidden, mask)
 
     def _loss(self, pooled: Tensor, size: int):

@@ -190,8 +190,8 @@ class GradNormBalancer(GradientBalancer):
             raise UserError(f"gradnorm learning rate must be > 0; got {lr}")
         self.alpha = float(alpha if asymmetry is None else asymmetry)
         self.lr, self.min_weight = float(lr), float(min_weight)
-        self.task_weights = nn.ParameterDict({name: nn.Parameter(torch.ones((), dtype=torch.float64, device=self.device))
-                                              for name in self.task_names})
+        one = torch.ones((), dtype=torch.float64, device=self.device)
+        self.task_weights = nn.ParameterDict({name: nn.Parameter(one.clone()) for name in self.task_names})
         self._initial_losses: dict[str, float] = dict(initial_losses or {})
         self._current_losses: dict[str, float] = {}
 
@@ -292,7 +292,7 @@ class PCGradBalancer(GradientBalancer):
         for i, g_i in enumerate(grads):
             current = g_i.clone()
             others = [j for j in range(len(grads)) if j != i]
-            order = torch.randperm(len(others), generator=generator).tolist() if generator is not None else range(len(others))
+            order = range(len(others)) if generator is None else torch.randperm(len(others), generator=generator).tolist()
             for k in order:
                 g_j = grads[others[k]]
                 dot = torch.dot(current, g_j)

@@ -186,7 +186,8 @@ class InfoNCELoss(nn.Module):
 
     def _project(self, pooled: Tensor) -> Tensor:
         if self.projector is None:  # contrastive-ft's lazy head: sized by the first hidden states seen
-            self.projector = ProjectionHead(pooled.shape[-1], self.projection_dim, dropout=self.dropout).to(pooled.device)
+            head = ProjectionHead(pooled.shape[-1], self.projection_dim, dropout=self.dropout)
+            self.projector = head.to(pooled.device)
         return self.projector(pooled.to(self.projector.fc1.weight.dtype))
 
     def forward(self, anchor: Tensor, positive: Tensor, mask_anchor: Tensor | None = None,

@@ -118,7 +118,8 @@ class CRAFTTrainerMixin(CRAFTLoggingMixin, CRAFTBatchKeysMixin):
     craft_host_normalises_by_num_items: bool | None = None
 
     def __init__(self, *args, craft_bundle=None, craft_sft_loader=None, craft_contrastive_loader=None,
-                 contrastive_dataset=None, craft_strategy=None, craft_collator=None, craft_loader_factory=None, **kwargs):
+                 contrastive_dataset=None, craft_strategy=None, craft_collator=None, craft_loader_factory=None,
+                 **kwargs):
         bound = inspect.signature(super().__init__).bind_partial(*args, **kwargs).arguments
         self._craft_user_collator = bound.get("data_collator")
         training_args = bound.get("args")
