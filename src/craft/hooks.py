@@ -42,6 +42,13 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     return model
 
 
+def text_config(model: nn.Module):
+    """The (text) config of a possibly wrapped model: ``config.get_text_config()`` where the config has it (multimodal
+    configs), else the config itself."""
+    config = unwrap_model(model).config
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
 def is_norm_module(module: nn.Module) -> bool:
     """True for LayerNorm / RMSNorm modules, including model-specific classes (``LlamaRMSNorm``, ``CohereLayerNorm``)."""
     if isinstance(module, (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)):

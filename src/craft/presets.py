@@ -29,6 +29,7 @@ import os
 import torch
 
 from craft.errors import UserError
+from craft.hooks import text_config
 
 logger = logging.getLogger(__name__)
 
@@ -119,13 +120,6 @@ def detect_available_memory_gb() -> float:
     return psutil.virtual_memory().available / 2**30
 
 
-def _text_config(model):
-    from craft.hooks import unwrap_model
-
-    config = unwrap_model(model).config
-    return config.get_text_config() if hasattr(config, "get_text_config") else config
-
-
 def estimate_memory_bytes(model, sequence_length: int) -> tuple[int, int]:
     """(static bytes, activation bytes per training sequence) for ``model``.
 
@@ -136,7 +130,7 @@ def estimate_memory_bytes(model, sequence_length: int) -> tuple[int, int]:
     params = list(model.parameters())
     static = sum(p.numel() * p.element_size() for p in params)
     static += OPTIMIZER_BYTES_PER_TRAINABLE * sum(p.numel() for p in params if p.requires_grad)
-    config = _text_config(model)
+    config = text_config(model)
     hidden, layers = int(config.hidden_size), int(config.num_hidden_layers)
     heads = int(getattr(config, "num_attention_heads", 1) or 1)
     element = params[0].element_size() if params else 2
@@ -212,7 +206,7 @@ def auto_configure(model=None, sft_dataset=None, contrastive_dataset=None, avail
     overrides = dict(overrides or {})
     choices: dict = {key: value for key, value in PRESETS["balanced"].items() if key not in overrides}
     if model is not None:
-        hidden = int(_text_config(model).hidden_size)
+        hidden = int(text_config(model).hidden_size)
         dim = min(MAX_PROJECTION_DIM, max(MIN_PROJECTION_DIM, hidden // 4))
         _choose(choices, overrides, "craft_projection_dim", dim,
                 f"hidden size {hidden}: hidden/4 within [{MIN_PROJECTION_DIM}, {MAX_PROJECTION_DIM}]")
@@ -233,7 +227,7 @@ def auto_configure(model=None, sft_dataset=None, contrastive_dataset=None, avail
                     "no separate contrastive dataset (self-align draws its positives from the SFT batches)"
                     if contrastive_dataset is None else "a dataset has no length")
 
-    layers = getattr(_text_config(model), "num_hidden_layers", None) if model is not None else None
+    layers = getattr(text_config(model), "num_hidden_layers", None) if model is not None else None
     if layers is not None:
         _choose_gradcache(choices, overrides, model, sft_dataset, contrastive_dataset, con_batch, available_memory_gb)
     elif available_memory_gb is not None:

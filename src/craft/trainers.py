@@ -62,7 +62,7 @@ from craft.encoding import (forward_hidden, hidden_state_capture, ids_and_mask, 
 from craft.errors import UserError
 from craft.gradcache import contrastive_gradcache
 from craft.gradient_balancing import CONTRASTIVE_TASK, SFT_TASK, BalancedScaler
-from craft.hooks import last_hidden_state, unwrap_model
+from craft.hooks import last_hidden_state, text_config, unwrap_model
 from craft.objective import OBJECTIVE_NAME, ContrastiveObjective, attach_objective, objective_tensors
 from craft.trainer_keys import CRAFTBatchKeysMixin, RenamedRows
 from craft.trainer_logging import CRAFTLoggingMixin, WindowLog
@@ -145,7 +145,7 @@ class CRAFTTrainerMixin(CRAFTLoggingMixin, CRAFTBatchKeysMixin):
         # compute_loss returns window-normalised losses: Trainer must not divide them by the accumulation steps.
         self.loss_is_scaled_for_ga = True
         base = unwrap_model(self.model)
-        objective = ContrastiveObjective.from_config(base.config.get_text_config().hidden_size, self.args)
+        objective = ContrastiveObjective.from_config(text_config(base).hidden_size, self.args)
         attach_objective(base, objective.to(self.args.device))
         self._craft_check_compat_keys()
         self._craft_step_losses: dict[int, float] = {}
@@ -184,7 +184,7 @@ class CRAFTTrainerMixin(CRAFTLoggingMixin, CRAFTBatchKeysMixin):
         tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
         pad_id = getattr(tokenizer, "pad_token_id", None)
         if pad_id is None:
-            pad_id = unwrap_model(self.model).config.get_text_config().pad_token_id or 0
+            pad_id = getattr(text_config(self.model), "pad_token_id", None) or 0
         return CRAFTCollator(pad_token_id=pad_id, assistant_mask_key=self.args.craft_assistant_mask_key,
                              add_labels=True)
 
