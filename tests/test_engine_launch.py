@@ -1,5 +1,5 @@
 """`craft train` under the launchers: the documented `deepspeed --num_gpus N --module craft train CFG` runs, and
-an error found on one rank only is printed once, by rank 0, with every rank exiting non-zero."""
+an error found on one rank only is printed once, by rank 0, with every rank exiting with status 2."""
 
 from __future__ import annotations
 
@@ -43,6 +43,8 @@ def test_deepspeed_launcher_trains_and_a_one_rank_error_prints_once(tmp_path):
     failed = run_craft([str(config), "--no_progress", "--resume_from_checkpoint"], nproc=2)
     output = failed.stdout + failed.stderr
     assert failed.returncode != 0
-    lines = [line for line in output.splitlines() if "craft train: error:" in line]
+    lines = [line for line in output.splitlines() if line.startswith("craft train: error:")]
     assert len(lines) == 1 and f"tensor '{name.removeprefix('state.model.')}'" in lines[0], output[-3000:]
+    assert f"traceback : {lines[0]}" in output  # torchrun's failure report names the cause (error file)
+    assert "exitcode  : -15" not in output  # no rank was killed before it could exit with status 2
     assert str(REPO / "src" / "craft") not in output  # no traceback through craft on any rank
