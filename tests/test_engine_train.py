@@ -300,3 +300,13 @@ def test_quiet_run_prints_the_summary_and_the_skipped_eval_warning(tmp_path, cap
     assert len(err.strip().splitlines()) == 1 and "eval_fraction" in err and "eval_gradient_accumulation_steps" in err
     assert main(["train", str(config), "--no_progress", "--verbose", "--set", f'output_dir="{tmp_path}/v"']) == 0
     assert "SEED_LAYERS" in capfd.readouterr().out
+
+
+def test_resume_drops_the_replayed_and_torn_records(tmp_path):
+    from craft.engine.train import _drop_records_after
+
+    log = tmp_path / "losses.jsonl"
+    log.write_text('{"step": 1, "train_loss": 2.0}\n{"step": 2, "eval_loss": 1.5}\n{"step": 3, "train_loss": 1.9}\n'
+                   '{"step": 4, "tra')  # killed in the middle of writing step 4
+    _drop_records_after(log, 2)
+    assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [1, 2]

@@ -191,11 +191,18 @@ def _combine(parts: list[dict], replicas: int, accumulation: int) -> dict:
 
 
 def _drop_records_after(path: Path, step: int) -> None:
-    """Rewrite `path` (JSON lines with a "step") keeping the records of steps <= `step`, atomically."""
+    """Rewrite `path` (JSON lines with a "step") keeping the records of steps <= `step`, atomically. A line
+    torn by a kill in the middle of its write is dropped too."""
     if not path.is_file():
         return
-    kept = [line for line in path.read_text(encoding="utf-8").splitlines()
-            if line.strip() and json.loads(line)["step"] <= step]
+
+    def keep(line: str) -> bool:
+        try:
+            return json.loads(line)["step"] <= step
+        except (json.JSONDecodeError, KeyError, TypeError):
+            return False
+
+    kept = [line for line in path.read_text(encoding="utf-8").splitlines() if keep(line)]
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
     os.replace(tmp, path)
