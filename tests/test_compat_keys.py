@@ -162,3 +162,25 @@ def test_original_trainer_arguments_loader_factory_and_contrastive_collator(tmp_
     with pytest.raises(UserError, match="craft_loader_factory must return"):
         CRAFTSFTTrainer(**{**common, "model": tiny_model("llama")},
                         craft_loader_factory=lambda t: sft_loader).build_craft_mixed_loader()
+
+
+def test_head_pooling_and_mask_key_reach_the_objective(tmp_path):
+    """craft_projection_dim / _dropout, craft_pooling, craft_temperature and craft_assistant_mask_key in one
+    self-align trainer: the objective is built from them and the mask column is read under its name."""
+    from craft.losses import pool_hidden_states
+
+    trainer = craft_trainer(tmp_path, "self_align", craft_projection_dim=8, craft_projection_dropout=0.5,
+                            craft_pooling="mean", craft_temperature=0.2, craft_assistant_mask_key="span")
+    objective = trainer.craft_objective
+    assert objective.projection.net[3].out_features == 8 and objective.projection.net[2].p == 0.5
+    pooled = torch.randn(4, 64)
+    objective.train()
+    assert not torch.equal(objective.project(pooled), objective.project(pooled))  # dropout active in training
+    objective.eval()
+    assert torch.equal(objective.project(pooled), objective.project(pooled))
+    hidden, mask = torch.randn(2, 5, 64), torch.tensor([[1, 1, 1, 0, 0], [0, 1, 1, 1, 1]])
+    torch.testing.assert_close(objective.pool(hidden, mask), pool_hidden_states(hidden, mask, "mean"))
+    assert float(objective.infonce.temperature) == pytest.approx(0.2)
+    batch = {"input_ids": torch.ones(1, 4, dtype=torch.long), "labels": torch.tensor([[-100, 1, 1, 1]]),
+             "span": torch.tensor([[0, 0, 0, 1]])}
+    assert trainer._self_align_masks(batch)[1].long().tolist() == [[0, 0, 0, 1]]  # the column, not the labels
