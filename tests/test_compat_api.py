@@ -73,6 +73,14 @@ def test_losses_with_the_original_arguments():
     torch.testing.assert_close(loss, F.cross_entropy(logits, torch.arange(3)), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(details["logits"], logits, rtol=1e-5, atol=1e-5)
     assert float(details["temperature"]) == pytest.approx(0.2)
+    by_name = loss_fn(hidden_states_anchor=hidden_a, hidden_states_positive=hidden_p, mask_anchor=mask,
+                      mask_positive=mask)  # the original's keyword names
+    torch.testing.assert_close(by_name, loss.detach())
+    w = torch.tensor([1.0, 2.0, 0.0, 4.0, 8.0])
+    weighted = craft.pool_hidden_states(hidden_states=hidden_a, attention_mask=mask, strategy="weighted_mean",
+                                        weights=w)
+    torch.testing.assert_close(weighted[1], (w[:, None] * hidden_a[1]).sum(0) / w.sum())
+    torch.testing.assert_close(weighted[0], (w[:3, None] * hidden_a[0, :3]).sum(0) / 3.0)
     pooled_p = craft.pool_hidden_states(hidden_p, mask, "last_token")
     torch.testing.assert_close(loss_fn.forward_from_pooled(pooled_a, pooled_p), loss.detach())
     extra = F.normalize(torch.randn(2, 4), dim=-1)
@@ -108,7 +116,7 @@ def test_configs_presets_and_auto_configure():
     assert config.craft_contrastive_keys["positive_input_ids"] == "doc_ids"
     assert config.craft_contrastive_keys["anchor_input_ids"] == "input_ids"  # the rest keep their defaults
     for cls in (craft.CRAFTORPOConfig, craft.CRAFTGRPOConfig, craft.CRAFTDPOConfig, craft.CRAFTPPOConfig):
-        assert cls.from_preset("aggressive", output_dir="o", use_cpu=True).craft_gradnorm_alpha == 1.5
+        assert cls.from_preset(preset="aggressive", output_dir="o", use_cpu=True).craft_gradnorm_alpha == 1.5
     assert craft.get_preset("balanced") == craft.CRAFT_PRESETS["balanced"]
     assert craft.get_preset("balanced") is not craft.CRAFT_PRESETS["balanced"]
     with pytest.raises(ValueError, match="Unknown preset"):

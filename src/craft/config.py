@@ -118,12 +118,12 @@ class CRAFTConfigMixin:
             parent_post_init()
 
     @classmethod
-    def from_preset(cls, name: str, output_dir: str = "./outputs", **overrides):
+    def from_preset(cls, preset: str, output_dir: str = "./outputs", **overrides):
         """This config class from a preset of `craft.presets.PRESETS` (overrides win):
         ``CRAFTSFTConfig.from_preset("balanced", output_dir="out", learning_rate=1e-5)``."""
         from craft.presets import config_from_preset
 
-        return config_from_preset(cls, name, output_dir, **overrides)
+        return config_from_preset(cls, preset, output_dir, **overrides)
 
     @classmethod
     def auto(cls, output_dir: str = "./outputs", model=None, sft_dataset=None, contrastive_dataset=None,

@@ -42,19 +42,22 @@ def _as_mask(hidden: Tensor, attention_mask: Tensor | None) -> Tensor:
     return mask
 
 
-def pool_hidden_states(hidden: Tensor, attention_mask: Tensor | None, strategy: str) -> Tensor:
-    """Pool ``hidden`` [B, T, H] over the positions where ``attention_mask`` [B, T] is 1; returns [B, H].
+def pool_hidden_states(hidden_states: Tensor, attention_mask: Tensor | None, strategy: str,
+                       weights: Tensor | None = None) -> Tensor:
+    """Pool ``hidden_states`` [B, T, H] over the positions where ``attention_mask`` [B, T] is 1; returns [B, H].
 
     * ``last_token`` — the hidden state at the last position where the mask is 1 (right or left padding, or a
       span mask ending anywhere).
     * ``cls`` — the hidden state at the first position where the mask is 1.
     * ``mean`` — the mean over the masked positions.
     * ``weighted_mean`` — a weighted mean over the masked positions with weights 1, 2, ..., n in order
-      (later tokens weigh more), divided by n(n+1)/2.
+      (later tokens weigh more), divided by n(n+1)/2; or, with ``weights`` [T] (contrastive-ft 0.4.3's
+      argument), ``Σ_t w_t m_t h_t / Σ_t w_t m_t``.
 
     ``attention_mask=None`` means every position counts. A row whose mask is all zeros is a `UserError` naming
     the row; so is an unknown strategy.
     """
+    hidden = hidden_states
     if strategy not in POOLING_STRATEGIES:
         raise UserError(f"unknown pooling strategy {strategy!r}; valid strategies: {', '.join(POOLING_STRATEGIES)}")
     mask = _as_mask(hidden, attention_mask)
@@ -70,11 +73,15 @@ def pool_hidden_states(hidden: Tensor, attention_mask: Tensor | None, strategy: 
         return hidden[rows, index]
     # Weights are built and normalised in float32 at least (bf16 counts exactly only up to 256), then applied in
     # the hidden states' dtype so no float32 copy of [B, T, H] is made.
-    weights = mask.to(torch.promote_types(hidden.dtype, torch.float32))
-    if strategy == "weighted_mean":
-        weights = torch.cumsum(weights, dim=1) * weights  # 1..n over the masked positions, 0 elsewhere
-    weights = weights / weights.sum(dim=1, keepdim=True)
-    return torch.bmm(weights.to(hidden.dtype).unsqueeze(1), hidden).squeeze(1)
+    mask_weights = mask.to(torch.promote_types(hidden.dtype, torch.float32))
+    if strategy == "weighted_mean" and weights is not None:
+        if weights.shape != (seq,):
+            raise UserError(f"weighted_mean pooling weights must have shape [seq] = [{seq}]; got {tuple(weights.shape)}")
+        mask_weights = mask_weights * weights.to(mask_weights)
+    elif strategy == "weighted_mean":
+        mask_weights = torch.cumsum(mask_weights, dim=1) * mask_weights  # 1..n over masked positions, 0 elsewhere
+    mask_weights = mask_weights / mask_weights.sum(dim=1, keepdim=True)
+    return torch.bmm(mask_weights.to(hidden.dtype).unsqueeze(1), hidden).squeeze(1)
 
 
 class ProjectionHead(nn.Module):
@@ -190,13 +197,19 @@ class InfoNCELoss(nn.Module):
             self.projector = head.to(pooled.device)
         return self.projector(pooled.to(self.projector.fc1.weight.dtype))
 
-    def forward(self, anchor: Tensor, positive: Tensor, mask_anchor: Tensor | None = None,
+    def forward(self, anchor: Tensor | None = None, positive: Tensor | None = None, mask_anchor: Tensor | None = None,
                 mask_positive: Tensor | None = None, *, negatives: Tensor | None = None, return_logits: bool = False,
-                return_details: bool = False, additional_negatives: Tensor | None = None):
+                return_details: bool = False, additional_negatives: Tensor | None = None,
+                hidden_states_anchor: Tensor | None = None, hidden_states_positive: Tensor | None = None):
         """InfoNCE of embeddings [B, D] or, with hidden states [B, T, H] and masks, of their pooled projections.
 
         With embeddings, masks mean nothing: a third positional argument is the negatives [N, D].
+        ``hidden_states_anchor`` / ``hidden_states_positive`` are contrastive-ft's keyword names for the first two.
         """
+        anchor = hidden_states_anchor if anchor is None else anchor
+        positive = hidden_states_positive if positive is None else positive
+        if anchor is None or positive is None:
+            raise ValueError("InfoNCE needs an anchor and a positive (embeddings or hidden states)")
         if anchor.dim() == 2 and mask_anchor is not None:
             if negatives is not None:
                 raise ValueError("InfoNCE got negatives twice (positionally and as negatives=)")
