@@ -91,7 +91,7 @@ def test_loss_scale_momentum_sets_the_running_mean(tmp_path):
     assert weights[2] == pytest.approx(0.6 / (0.25 * sft[0] + 0.75 * sft[1]), rel=1e-5)
 
 
-@pytest.mark.parametrize("gamma", [0.5, 3.0])
+@pytest.mark.parametrize("gamma", [3.0])
 def test_gradnorm_alpha_is_the_asymmetry_of_the_update(tmp_path, gamma):
     trainer = craft_trainer(tmp_path, craft_gradient_balancing="gradnorm", craft_gradnorm_alpha=gamma,
                             gradient_accumulation_steps=2, max_steps=2)
