@@ -14,7 +14,7 @@ from datasets import Dataset
 
 from craft.data import make_craft_datasets
 from craft.errors import UserError
-from craft.gradient_balancing import clip_to_norm
+from craft.balancing_step import clip_to_norm
 
 
 def _logged(trainer, key):

@@ -8,10 +8,9 @@ import math
 import pytest
 import torch
 
+from craft.balancing_step import BalancedScaler, GradientBalancing
 from craft.errors import UserError
 from craft.gradient_balancing import (
-    BalancedScaler,
-    GradientBalancing,
     GradNormBalancer,
     LossScaleBalancer,
     UncertaintyBalancer,

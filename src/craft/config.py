@@ -50,7 +50,7 @@ class CRAFTConfigMixin:
         craft_length_strategy ["oversample"]: "oversample" | "cap" | "auto_beta" | "error" (see `craft.data`).
         craft_contrastive_batch_size [None]: contrastive micro-batch size; None means per_device_train_batch_size.
         craft_temperature [0.05]: InfoNCE temperature tau > 0 (the initial value when learnable).
-        craft_learnable_temperature [False]: learn log(1/tau) (CLIP style).
+        craft_learnable_temperature [False]: learn log(tau) (CLIP style; tau >= 0.01).
         craft_projection_dim [256]: output size of the projection head (> 0).
         craft_projection_dropout [0.0]: dropout inside the projection head, in [0, 1).
         craft_pooling ["last_token"]: "last_token" | "mean" | "cls" | "weighted_mean".

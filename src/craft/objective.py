@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from craft.errors import UserError
-from craft.gradient_balancing import GradientBalancing
+from craft.balancing_step import GradientBalancing
 from craft.losses import InfoNCELoss, ProjectionHead
 from craft.metrics import EMAReference
 from craft.negatives import NegativeQueue, distributed_world, gather_negatives

@@ -15,7 +15,7 @@ import logging
 import torch
 
 from craft.accumulator import WindowCounts
-from craft.gradient_balancing import CONTRASTIVE_TASK, SFT_TASK
+from craft.balancing_step import CONTRASTIVE_TASK, SFT_TASK
 from craft.metrics import contrastive_accuracy
 
 logger = logging.getLogger("craft.trainers")

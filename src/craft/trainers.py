@@ -61,7 +61,7 @@ from craft.encoding import (forward_hidden, hidden_state_capture, ids_and_mask, 
                             stack_right_padded, with_default_labels)
 from craft.errors import UserError
 from craft.gradcache import contrastive_gradcache
-from craft.gradient_balancing import CONTRASTIVE_TASK, SFT_TASK, BalancedScaler
+from craft.balancing_step import CONTRASTIVE_TASK, SFT_TASK, BalancedScaler
 from craft.hooks import last_hidden_state, text_config, unwrap_model
 from craft.objective import OBJECTIVE_NAME, ContrastiveObjective, attach_objective, objective_tensors
 from craft.trainer_keys import CRAFTBatchKeysMixin, RenamedRows
@@ -251,7 +251,7 @@ class CRAFTTrainerMixin(CRAFTLoggingMixin, CRAFTBatchKeysMixin):
         return batches, torch.tensor(total.sft_tokens, device=device)
 
     def _craft_balanced_scaler(self, scaler: AccumulationScaler) -> BalancedScaler:
-        """`scaler` with this step's balancing weights (`craft.gradient_balancing.BalancedScaler`)."""
+        """`scaler` with this step's balancing weights (`craft.balancing_step.BalancedScaler`)."""
         return BalancedScaler(scaler, self.craft_balancing, split_backward=self._craft_backward_contrastive_part)
 
     def _craft_backward_contrastive_part(self, loss: torch.Tensor) -> None:

@@ -29,7 +29,7 @@ from craft.accumulator import AccumulationScaler, WindowCounts
 from craft.config import TRLFeatureUnavailable, trl_version
 from craft.data import CRAFTCollator, canonical_columns, is_contrastive_step
 from craft.errors import UserError
-from craft.gradient_balancing import CONTRASTIVE_TASK, SFT_TASK
+from craft.balancing_step import CONTRASTIVE_TASK, SFT_TASK
 from craft.preference_rows import PreTokenisedPreferenceRows
 from craft.trainer_logging import WindowLog
 from craft.trainer_keys import RenamedRows
