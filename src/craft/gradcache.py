@@ -72,7 +72,7 @@ def _loss_of(output) -> Tensor:
 def gradcache_backward(encode: Callable[[Any], Tensor], chunks: Sequence[Any], loss_fn: Callable[[Tensor], Any],
                        loss_weight: float | Tensor = 1.0,
                        no_sync: Callable[[], contextlib.AbstractContextManager] | None = None,
-                       backward: Callable[[Tensor], None] | None = None):
+                       backward: Callable[[Tensor], None] | None = None, defer_last: bool = False):
     """Accumulate into ``.grad`` the gradient of ``loss_weight * loss_fn(cat([encode(c) for c in chunks]))``.
 
     Args:
@@ -89,6 +89,10 @@ def gradcache_backward(encode: Callable[[Any], Tensor], chunks: Sequence[Any], l
         backward: runs the backward of a scalar (default ``Tensor.backward``); an engine's own backward
             (DeepSpeed's, which reduces and partitions gradients in its hooks) goes here. A chunk's re-forward
             ``r_k`` is backpropagated as the scalar ``sum(r_k * G_k)``, whose gradient is the same.
+        defer_last: leave the last chunk's backward to the caller: the return value is then
+            ``(output, pending)`` with ``pending`` the last chunk's scalar ``sum(r_K * G_K)`` (re-forwarded, graph
+            attached, not yet backpropagated). A trainer hands it to its engine's own backward, which then is the
+            synchronising backward of the micro-batch (DDP all-reduce, ZeRO / FSDP reduce-scatter and step).
 
     Returns:
         ``loss_fn``'s output with the loss detached. ``.grad`` of every parameter is increased in place; nothing
@@ -109,16 +113,18 @@ def gradcache_backward(encode: Callable[[Any], Tensor], chunks: Sequence[Any], l
     after_loss = RNGState()
     grads = representations.grad.split([r.shape[0] for r in cached])
     del cached, representations
-    last = len(chunks) - 1
+    last, pending = len(chunks) - 1, None
     for index, (chunk, state, grad) in enumerate(zip(chunks, states, grads)):
         state.restore()
+        if index == last and defer_last:
+            pending = (encode(chunk) * grad).sum()
+            continue
         context = no_sync() if (no_sync is not None and index < last) else contextlib.nullcontext()
         with context:
             backward((encode(chunk) * grad).sum())
     after_loss.restore()
-    if isinstance(output, (tuple, list)):
-        return type(output)([loss.detach(), *output[1:]])
-    return loss.detach()
+    result = type(output)([loss.detach(), *output[1:]]) if isinstance(output, (tuple, list)) else loss.detach()
+    return (result, pending) if defer_last else result
 
 
 # ------------------------------------------------------------------------------------ contrastive objective
@@ -137,7 +143,7 @@ def contrastive_gradcache(encoder: Callable[[Tensor, Tensor], tuple[Tensor, Tens
                           anchors: tuple[Tensor, Tensor, Tensor], positives: tuple[Tensor, Tensor, Tensor],
                           chunk_size: int, loss_weight: float | Tensor = 1.0,
                           no_sync: Callable[[], contextlib.AbstractContextManager] | None = None,
-                          backward: Callable[[Tensor], None] | None = None):
+                          backward: Callable[[Tensor], None] | None = None, defer_last: bool = False):
     """GradCache for a contrastive objective (`craft.objective.ContrastiveObjective`) over an encoder.
 
     Args:
@@ -148,10 +154,11 @@ def contrastive_gradcache(encoder: Callable[[Tensor, Tensor], tuple[Tensor, Tens
         anchors, positives: ``(ids [B, T], attention_mask [B, T], pooling mask [B, T])``. When both share the
             same ``ids`` tensor (self-align: prompt vs assistant span of one sequence) each row is encoded once
             and pooled twice; otherwise the anchors' and the positives' rows are chunked one after the other.
-        chunk_size, loss_weight, no_sync, backward: as in `gradcache_backward`.
+        chunk_size, loss_weight, no_sync, backward, defer_last: as in `gradcache_backward`.
 
-    Returns ``(loss, logits, projected anchors)`` of the objective, the loss detached. Every parameter's
-    ``.grad`` (model and objective) holds ``loss_weight`` times the full-batch gradient.
+    Returns ``(loss, logits, projected anchors)`` of the objective, the loss detached (with ``defer_last``:
+    ``((loss, logits, anchors), pending)``). Every parameter's ``.grad`` (model and objective) then holds
+    ``loss_weight`` times the full-batch gradient (with ``defer_last``, once ``pending`` is backpropagated).
     """
     size = anchors[0].shape[0]
     shared = positives[0] is anchors[0]
@@ -172,7 +179,8 @@ def contrastive_gradcache(encoder: Callable[[Tensor, Tensor], tuple[Tensor, Tens
             return objective(pooled[:, 0], pooled[:, 1])
         return objective(pooled[:size, 0], pooled[size:, 0])
 
-    return gradcache_backward(encode, chunks, loss_fn, loss_weight, no_sync=no_sync, backward=backward)
+    return gradcache_backward(encode, chunks, loss_fn, loss_weight, no_sync=no_sync, backward=backward,
+                              defer_last=defer_last)
 
 
 # ------------------------------------------------------------------------------ contrastive-ft 0.4.3 names

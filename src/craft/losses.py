@@ -169,7 +169,9 @@ class InfoNCELoss(nn.Module):
         self.projection_dim, self.dropout = int(projection_dim), float(dropout)
         log_temperature = torch.tensor(math.log(temperature), dtype=torch.float32)
         if self.learnable_temperature:
-            self.log_temperature = nn.Parameter(log_temperature)
+            # Shape [1], not a 0-dim scalar: DeepSpeed broadcasts and partitions parameters through byte views,
+            # which a 0-dim tensor does not have.
+            self.log_temperature = nn.Parameter(log_temperature.reshape(1))
         else:
             self.register_buffer("log_temperature", log_temperature)
         self.projector: ProjectionHead | None = None
@@ -179,7 +181,7 @@ class InfoNCELoss(nn.Module):
     def logit_scale(self) -> Tensor:
         """The current 1/τ (differentiable when the temperature is learnable)."""
         if self.learnable_temperature:
-            return (-self.log_temperature.clamp(min=-math.log(MAX_LOGIT_SCALE))).exp()
+            return (-self.log_temperature.clamp(min=-math.log(MAX_LOGIT_SCALE))).exp().reshape(())
         return (-self.log_temperature).exp()
 
     @property
@@ -248,7 +250,10 @@ class InfoNCELoss(nn.Module):
             candidates = torch.cat([candidates, negatives.to(candidates.device).float()], dim=0)
         a = F.normalize(anchor.float(), dim=-1)
         c = F.normalize(candidates, dim=-1)
-        logits = (a @ c.T) * self.logit_scale().to(a.device)
+        scale = self.logit_scale().to(a.device)
+        # The temperature this call used, readable after it even where an engine re-shards the parameter.
+        self.last_logit_scale = scale.detach()
+        logits = (a @ c.T) * scale
         target = torch.arange(anchor.shape[0], device=logits.device)
         return F.cross_entropy(logits, target, reduction=self.reduction), logits
 

@@ -45,7 +45,7 @@ class CRAFTLoggingMixin:
             self._craft_logs["metrics/craft_representation_consistency"].append(ema.representation_consistency(anchors))
             ema.update(anchors)
         if args.craft_learnable_temperature and args.craft_metric_enabled("temperature"):
-            self._craft_logs["metrics/craft_temperature"].append(float(self.craft_objective.infonce.temperature))
+            self._craft_logs["metrics/craft_temperature"].append(1.0 / float(self.craft_objective.infonce.last_logit_scale))
 
     def _craft_end_micro_batch(self) -> None:
         window = self._craft_window

@@ -57,6 +57,7 @@ from craft.accumulator import (
 )
 from craft.config import CRAFTConfigMixin
 from craft.data import CRAFTCollator, CRAFTMixedDataLoader, build_loader
+from craft.engines import check_engine_support
 from craft.encoding import (forward_hidden, hidden_state_capture, ids_and_mask, paired_sides, self_align_masks,
                             stack_right_padded, with_default_labels)
 from craft.errors import UserError
@@ -137,6 +138,7 @@ class CRAFTTrainerMixin(CRAFTLoggingMixin, CRAFTBatchKeysMixin):
         super().__init__(*args, **kwargs)
         self.craft_bundle = self._craft_resolve_bundle(craft_bundle, contrastive_dataset, craft_strategy)
         self.craft_strategy = self.craft_bundle.strategy
+        check_engine_support(self)
         self._craft_sft_loader = craft_sft_loader
         self._craft_contrastive_loader = craft_contrastive_loader
         self._craft_contrastive_collator = craft_collator
@@ -350,9 +352,9 @@ class CRAFTTrainerMixin(CRAFTLoggingMixin, CRAFTBatchKeysMixin):
         """A contrastive micro-batch through `craft.gradcache.contrastive_gradcache`; the tensor the Trainer
         backpropagates.
 
-        GradCache backpropagates ``w_con · λ_con · InfoNCE`` itself (DDP synchronisation deferred to the last
-        chunk). The returned tensor has that weighted value; its backward adds only uncertainty balancing's
-        ``w_con · s_con`` term (for the other strategies it is a fresh leaf whose backward changes no parameter).
+        GradCache backpropagates ``w_con · λ_con · InfoNCE`` through every chunk but the last one itself (without
+        synchronisation). The returned tensor has that weighted value; its backward, run by the Trainer through
+        the engine, is the last chunk's (and, with uncertainty balancing, adds the ``w_con · s_con`` term).
         """
         if self.craft_self_align:
             anchor_mask, positive_mask = self._self_align_masks(batch)
@@ -363,14 +365,17 @@ class CRAFTTrainerMixin(CRAFTLoggingMixin, CRAFTBatchKeysMixin):
             anchors, positives = (ids_a, mask_a, mask_a), (ids_p, mask_p, mask_p)
         scaler = self._craft_scaler
         weight = scaler.contrastive_weight()
-        loss, logits, anchor_embeddings = contrastive_gradcache(
+        (loss, logits, anchor_embeddings), pending = contrastive_gradcache(
             lambda i, m: self._forward_hidden(model, i, m), self.craft_objective, anchors, positives,
-            self.args.craft_gradcache_chunk_size, weight, no_sync=lambda: self.accelerator.no_sync(model))
+            self.args.craft_gradcache_chunk_size, weight, no_sync=lambda: self.accelerator.no_sync(model),
+            defer_last=True)
         self._craft_record_contrastive(loss, logits, anchor_embeddings)
-        value = (weight * loss).detach().float()
+        # The Trainer's backward of the returned tensor is the last chunk's (the engine's synchronising one);
+        # its value is the weighted InfoNCE, for the logs.
+        value = (weight * loss).detach().float() + (pending - pending.detach())
         regularizer = scaler.contrastive_regularizer()
         if regularizer is None:
-            return value.clone().requires_grad_(True)
+            return value
         return regularizer + (value - regularizer.detach())
 
     def _forward_hidden(self, model, input_ids, attention_mask):
@@ -380,8 +385,9 @@ class CRAFTTrainerMixin(CRAFTLoggingMixin, CRAFTBatchKeysMixin):
 
     def _craft_unused_objective_zero(self) -> torch.Tensor | float:
         """Under DDP, a zero touching the objective's parameters, so that a synchronised backward that does not
-        use them (an SFT micro-batch, a GradCache chunk) still all-reduces their gradients."""
-        if self.accelerator.num_processes > 1:
+        use them (an SFT micro-batch, a GradCache chunk) still all-reduces their gradients. DeepSpeed and FSDP
+        reduce whatever gradients exist (and ZeRO-3 holds only a shard of each parameter outside a forward)."""
+        if self.accelerator.num_processes > 1 and not (self.is_deepspeed_enabled or self.is_fsdp_enabled):
             return self.craft_objective.zero_touch()
         return 0.0
 
