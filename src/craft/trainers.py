@@ -57,9 +57,9 @@ from craft.accumulator import (
 )
 from craft.config import CRAFTConfigMixin
 from craft.data import CRAFTCollator, CRAFTMixedDataLoader, build_loader
-from craft.engines import check_engine_support
 from craft.encoding import (forward_hidden, hidden_state_capture, ids_and_mask, paired_sides, self_align_masks,
                             stack_right_padded, with_default_labels)
+from craft.engines import check_engine_support
 from craft.errors import UserError
 from craft.gradcache import contrastive_gradcache
 from craft.balancing_step import CONTRASTIVE_TASK, SFT_TASK, BalancedScaler
