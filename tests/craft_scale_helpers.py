@@ -55,3 +55,28 @@ def step_gradients(trainer, batches) -> list[torch.Tensor]:
     for batch in micro_batches:
         trainer.training_step(trainer.model, batch, num_items)
     return [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in trainable(trainer)]
+
+
+MULTIPROCESS_ENV = {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+                    "TRANSFORMERS_VERBOSITY": "error", "DS_ACCELERATOR": "cpu"}
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now: other test runs may hold any fixed one."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_two_processes(*worker_args, timeout: int = 900):
+    """`torchrun --nproc_per_node 2 WORKER ARGS...` on a free port, CPU settings (gloo; DeepSpeed's CPU accelerator)."""
+    import os
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+               str(free_port()), *map(str, worker_args)]
+    return subprocess.run(command, env={**os.environ, **MULTIPROCESS_ENV}, capture_output=True, text=True,
+                          timeout=timeout)

@@ -1,4 +1,4 @@
-"""CRAFT under DDP, DeepSpeed ZeRO-2 / ZeRO-3 and FSDP2 on 2 CPU processes equals one process on the global batch.
+"""CRAFT under DDP, DeepSpeed ZeRO-2 / ZeRO-3 on 2 CPU processes equals one process on the global batch.
 
 One `torchrun` launch (tests/distributed_engines_worker.py) trains every case — paired, self-align and GradCache,
 each with full fine-tuning and with LoRA — on every engine for 5 SGD steps, gathering sharded parameters at the
@@ -10,7 +10,6 @@ training (`craft.engines`) must be refused with a message naming the engine.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -20,28 +19,22 @@ import torch
 
 WORKER = Path(__file__).with_name("distributed_engines_worker.py")
 sys.path.insert(0, str(WORKER.parent))
+from craft_scale_helpers import MULTIPROCESS_ENV, run_two_processes  # noqa: E402
 from distributed_engines_worker import CASES, ENGINES  # noqa: E402
 
-REFUSED = {("zero3", case) for case in CASES if not case.startswith("self_align")}
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+# ZeRO-3 with the paired strategy is refused (craft.engines); so is FSDP on CPU, which accelerate would silently
+# run as DDP (it enables FSDP on accelerators only).
+REFUSED = {("zero3", case): "ZeRO-3" for case in CASES if not case.startswith("self_align")}
+REFUSED.update({("fsdp2", case): "accelerate did not enable FSDP" for case in CASES})
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("engines")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-           "TRANSFORMERS_VERBOSITY": "error", "DS_ACCELERATOR": "cpu"}
-    reference = subprocess.run([sys.executable, str(WORKER), str(out)], env=env, capture_output=True, text=True,
-                               timeout=600)
+    reference = subprocess.run([sys.executable, str(WORKER), str(out)], env={**os.environ, **MULTIPROCESS_ENV},
+                               capture_output=True, text=True, timeout=600)
     assert reference.returncode == 0, reference.stderr[-4000:]
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-               str(_free_port()), str(WORKER), str(out), ",".join(ENGINES)]
-    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+    proc = run_two_processes(WORKER, out, ",".join(ENGINES))
     assert proc.returncode == 0, proc.stderr[-4000:]
     return out
 
@@ -52,7 +45,7 @@ def runs(tmp_path_factory):
 def test_two_ranks_equal_one_process_on_the_global_batch(runs, engine, case):
     if (engine, case) in REFUSED:
         refused = torch.load(runs / "refused.pt", weights_only=True)
-        assert "ZeRO-3" in refused[f"{engine}-{case}"]
+        assert REFUSED[engine, case] in refused[f"{engine}-{case}"]
         return
     reference = torch.load(runs / f"reference-{case}.pt", weights_only=True)
     result = torch.load(runs / f"{engine}-{case}.pt", weights_only=True)

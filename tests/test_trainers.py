@@ -490,7 +490,9 @@ def test_two_process_ddp_gradient_is_the_global_objective_and_ranks_agree(tmp_pa
     script.write_text(_DDP_WORKER.format(tests=str(Path(__file__).parent), out=str(tmp_path)))
     torchrun = Path(sys.executable).with_name("torchrun")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_port", "29517", str(script)],
+    from craft_scale_helpers import free_port
+
+    proc = subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_port", str(free_port()), str(script)],
                           capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for mode in ("plain", "gradcache"):  # GradCache: the gather runs over cached representations

@@ -15,6 +15,8 @@ Combinations that cannot work raise a `UserError` when the trainer is built, nam
 * FSDP version 1 flattens parameters into FlatParameters that exist only inside the wrapped forward, while the
   objective runs outside the model's forward; use FSDP2 (``fsdp_version: 2``).
 * GradCache under DeepSpeed fp16: its chunk backward passes run outside the engine's loss scaler.
+* FSDP requested on a CPU run: accelerate enables FSDP only on GPUs and other accelerators and otherwise trains
+  plain DDP without a word; CRAFT says so instead.
 * DeepSpeed ZeRO-3 with the paired strategy: measured against one process on the global batch
   (tests/test_distributed_engines.py), the objective's parameters get a wrong gradient from the second optimizer
   step on (a contrastive micro-batch after an SFT micro-batch that did not use them), while the model's stay
@@ -40,6 +42,10 @@ def engine_name(trainer) -> str:
 def check_engine_support(trainer) -> None:
     """A `UserError` naming the engine and the reason for a CRAFT setting the trainer's engine cannot run."""
     engine, args = engine_name(trainer), trainer.args
+    if getattr(args, "fsdp", None) and not getattr(trainer, "is_fsdp_enabled", False):
+        raise UserError(f"fsdp={args.fsdp!r} is set but accelerate did not enable FSDP (it does "
+                        f"on GPUs and other accelerators only; this run's device is {args.device}), so the model "
+                        "would silently train unsharded, as DDP; drop the fsdp settings or run on an accelerator")
     if engine in ("ddp", "single"):
         return
     if args.craft_gradient_balancing in PER_TASK_GRADIENT_STRATEGIES:
