@@ -305,6 +305,47 @@ def test_resume_with_other_adapter_settings(capsys, trained, change):
     assert "lora_rank" in err and "use_control_adapters" in err
 
 
+def test_resume_on_another_base_model_is_refused(capsys, trained, tmp_path):
+    """Same tensor shapes, another config.json (as a Qwen2 of the Llama's shape would be): refused, epoch1 kept."""
+    root, config, run = trained
+    other = tmp_path / "other_model"
+    shutil.copytree(root / "model", other)
+    hf = json.loads((other / "config.json").read_text())
+    hf["rope_theta"] = hf.get("rope_theta", 10000.0) * 2
+    (other / "config.json").write_text(json.dumps(hf))
+    err = fail_cli(capsys, ["train", config, "--set", f'model_dir="{other}"', "--resume_from_checkpoint",
+                            "--no_progress"], untouched=(root / "out",))
+    assert "another base model" in err and "llama" in err and "model_dir" in err
+
+
+@pytest.mark.parametrize("change, shown", [
+    ("sequence_len=16", "sequence_len=32 in the checkpoint, 16 now"),
+    ("seed=7", "seed=42 in the checkpoint, 7 now"),
+    ("eval_fraction=0.2", "eval_fraction=0.1 in the checkpoint, 0.2 now"),
+    ("datasets=[{dataset_path='elsewhere.json', drop_tails=true}]", "datasets=[{"),
+])
+def test_resume_with_other_data_settings_is_refused(capsys, trained, change, shown):
+    root, config, run = trained
+    err = fail_cli(capsys, ["train", config, "--set", f'model_dir="{root / "model"}"', "--set", change,
+                            "--resume_from_checkpoint", "--no_progress"], untouched=(root / "out",))
+    assert "other data settings" in err and shown in err, err
+
+
+def test_resume_identity_keeps_runtime_keys_changeable(trained):
+    """Keys that change neither the data order nor what a checkpoint holds may differ on resume."""
+    from craft.engine import checkpoint as ckpt
+    from craft.engine.config import load_config
+
+    root, config, run = trained
+    saved = sorted((run / "checkpoints").glob("step*"))[-1]
+    changed = load_config(config, [f'model_dir="{root / "model"}"', "chunk_size=8", "max_steps=5", "lr=1e-5",
+                                   'activation_checkpointing=false', "checkpoint_interval_hours=2", "epochs=3"])
+    ckpt.check_same_run(saved, ckpt.run_identity(changed, root / "model", "llama"))
+    moved = load_config(config, [f'model_dir="{root / "model"}"', "micro_batch_size=2"])
+    with pytest.raises(UserError, match="micro_batch_size=1 in the checkpoint, 2 now"):
+        ckpt.check_same_run(saved, ckpt.run_identity(moved, root / "model", "llama"))
+
+
 class _Payload:
     """Unpickling this creates `marker`: proof that a pickle was loaded."""
 

@@ -5,13 +5,15 @@ Layout under the run directory `output_dir/<run>/`:
                                                  its stage, optimizer state, torch RNG state)
   checkpoints/step000012/rank00000.json         per process: the rest of that state (optimizer hyper-parameters
                                                  and scalars, python and numpy RNG states), tensors referenced by name
-  checkpoints/step000012/meta.json              global state: step, epoch, step within the epoch, tokens, layout
+  checkpoints/step000012/meta.json              global state: step, epoch, step within the epoch, tokens, layout,
+                                                 and the run's identity (`run_identity`: base model, data settings)
 
 No pickle anywhere: a checkpoint directory someone hands to `--resume_from_checkpoint` is data, never code. A
 directory holding a pickle file (`*.pt`, `*.pkl`, `*.bin`, as older checkpoints did) is refused without opening
 it, and a damaged file is a one-line error. On load, the saved parameters must match the run's trainable
 parameters by name and shape (resuming with another `lora_rank`, adapter kind or target list is an error naming
-the tensor).
+the tensor), and the base model and data settings must be the ones recorded (`check_same_run`, before anything
+is written).
 Writing goes to `checkpoints/.tmp-step000012/`; every rank fsyncs its file, all ranks meet at a barrier, then
 rank 0 writes meta.json, fsyncs, renames the directory to its final name (atomic on POSIX) and prunes the oldest
 complete checkpoints beyond `max_checkpoints`. A crash at any point leaves either the previous checkpoints only
@@ -38,7 +40,48 @@ from safetensors.torch import load_file, save_file
 
 from craft.engine.distributed import barrier
 from craft.errors import UserError
-from craft.export.checkpoint import safetensors_file
+from craft.export.checkpoint import base_identity, safetensors_file
+
+# The settings that decide which token sequences exist and in which order the loader yields them; the saved data
+# position (epoch, step within the epoch) indexes that order, so resuming with any of them changed would continue
+# at a position of a different packing/shuffle. datasets: files, caps, drop_tails, prefixes; sequence_len: the
+# packing; seed: the shuffle and the eval split; eval_fraction: the split; document_prefix/suffix: the text;
+# micro_batch_size and gradient_accumulation_steps: how many sequences one step consumes.
+# Deliberately NOT recorded (changeable on resume): epochs and max_steps (where the run stops; the loader's order of
+# an epoch does not depend on them), lr, lr_scheduler, warmup_steps, beta1/2, eps, weight decay (optimizer settings
+# a user may adjust mid-run, e.g. a lower lr after a loss spike; the checkpoint restores the tensors, not these),
+# activation_checkpointing, chunk_size, model_dtype (how the same math is computed), checkpoint_interval_hours,
+# max_checkpoints, evals_per_run/evals_per_epoch, eval_gradient_accumulation_steps (when and how often things are
+# saved or measured). Adapter shape settings are checked against the saved tensors (`_check_parameters`), the
+# process layout against `layout`.
+DATA_KEYS = ("datasets", "sequence_len", "seed", "eval_fraction", "document_prefix", "document_suffix",
+             "micro_batch_size", "gradient_accumulation_steps")
+
+
+def run_identity(config, model_dir: Path, model_type: str) -> dict:
+    """What a checkpoint must share with the run resuming it: the base model's identity (model_type, config.json
+    sha256, as in an adapter's base_model.json) and the data settings of `DATA_KEYS`."""
+    data = config.model_dump(include=set(DATA_KEYS), mode="json")
+    return {"base": base_identity(model_dir, model_type), "data": {key: data[key] for key in DATA_KEYS}}
+
+
+def check_same_run(checkpoint: Path, identity: dict) -> None:
+    """Refuse to resume `checkpoint` with another base model or other data settings (one line naming the keys
+    and both values). Checkpoints written before identities were recorded carry none and are not checked."""
+    meta = read_meta(checkpoint)
+    saved = meta.get("identity")
+    if saved is None:
+        return
+    if saved["base"] != identity["base"]:
+        raise UserError(f"checkpoint {checkpoint} was trained on another base model ({saved['base']['model_type']}, "
+                        f"config.json sha256 {saved['base']['config_sha256'][:12]}); model_dir has "
+                        f"{identity['base']['model_type']}, sha256 {identity['base']['config_sha256'][:12]}: resume "
+                        f"with the model_dir it was written with")
+    changed = [f"{key}={json.dumps(saved['data'].get(key))} in the checkpoint, {json.dumps(value)} now"
+               for key, value in identity["data"].items() if saved["data"].get(key) != value]
+    if changed:
+        raise UserError(f"checkpoint {checkpoint} was written with other data settings ({'; '.join(changed)}): its "
+                        f"data position would point into another packing; resume with the same settings")
 
 
 def _fsync_file(path: Path) -> None:

@@ -284,7 +284,9 @@ def train(config: TrainConfig, resume: str | None = None, show_progress: bool = 
     check_model_dir(config)
     check_output_dir(config.output_dir)
     if resume:
-        ckpt.check_files(_find_resume_checkpoint(Path(config.output_dir), resume))
+        checkpoint = _find_resume_checkpoint(Path(config.output_dir), resume)
+        ckpt.check_files(checkpoint)
+        ckpt.check_same_run(checkpoint, ckpt.run_identity(config, Path(config.model_dir), hf_config.model_type))
     with contextlib.ExitStack() as stack:
         with swallow_stdout(verbose):
             rank, world = stack.enter_context(distributed_world())
@@ -342,6 +344,7 @@ class TrainingRun:
                                                                  config=_deepspeed_config(config))
         self.layout = {"world_size": world, "pipeline_stages": config.pipeline_stages,
                        "column_major": config.use_column_major_topology}
+        self.identity = ckpt.run_identity(config, Path(config.model_dir), hf_config.model_type)
         self.progress = Progress()
         self.last_loss = self.last_eval = None
 
@@ -433,6 +436,7 @@ class TrainingRun:
 
     def checkpoint(self) -> None:
         meta = {"step": self.progress.step, "epoch": self.progress.epoch,
-                "step_in_epoch": self.progress.step_in_epoch, "tokens": self.progress.tokens, "layout": self.layout}
+                "step_in_epoch": self.progress.step_in_epoch, "tokens": self.progress.tokens, "layout": self.layout,
+                "identity": self.identity}
         ckpt.save_checkpoint(self.run_dir, self.progress.step, self.rank, self.module, self.optimizer, meta,
                              self.config.max_checkpoints)

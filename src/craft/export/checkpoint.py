@@ -59,12 +59,16 @@ def config_sha256(model_dir: Path) -> str:
     return hashlib.sha256((Path(model_dir) / "config.json").read_bytes()).hexdigest()
 
 
+def base_identity(model_dir: Path, model_type: str) -> dict:
+    """What identifies a base model wherever it lies: its model_type and the sha256 of its config.json."""
+    return {"model_type": model_type, "config_sha256": config_sha256(model_dir)}
+
+
 def write_base_record(directory: Path, model_dir: Path, model_type: str) -> None:
     """Record in `directory/base_model.json` which base an adapter was trained on: absolute path, model_type and
     the sha256 of its config.json, so the tools find the base from any working directory and refuse another
     architecture."""
-    record = {"base_model_name_or_path": str(Path(model_dir).resolve()), "model_type": model_type,
-              "config_sha256": config_sha256(model_dir)}
+    record = {"base_model_name_or_path": str(Path(model_dir).resolve()), **base_identity(model_dir, model_type)}
     (Path(directory) / BASE_RECORD).write_text(json.dumps(record, indent=2) + "\n")
 
 
