@@ -183,6 +183,12 @@ def test_model_dir_without_config(capsys, setup, tmp_path):
     assert "no config.json" in err
 
 
+@pytest.mark.parametrize("size", ["24", "0GiB"])
+def test_plan_gpu_memory_needs_a_positive_size_with_unit(capsys, setup, size):
+    err = fail_cli(capsys, ["plan", setup, "--gpu-memory", size], untouched=(setup.parent / "out",))
+    assert f"--gpu-memory: cannot read '{size}'" in err and "write e.g. 24GiB" in err
+
+
 def test_library_callers_get_user_error(setup):
     setup.write_text(setup.read_text().replace("lora_rank = 4\n", ""))
     with pytest.raises(UserError, match="lora_rank is required"):

@@ -13,6 +13,7 @@ from craft.engine import train as train_module
 from craft.engine.config import load_config
 from craft.engine.model import read_hf_config
 from craft.engine.plan import GIB, parse_size, plan
+from craft.errors import UserError
 from craft.testing import save_tiny_model
 
 sys.path.insert(0, str(REPO / "bench"))
@@ -80,6 +81,9 @@ def test_closed_form_terms_for_llama_8b_control_adapter():
 def test_parse_size():
     assert parse_size("24GiB") == parse_size("24 GB") == parse_size("24g") == 24 * GIB
     assert parse_size("512MiB") == 0.5 * GIB
+    for bad in ("24", "0GiB", "0.0G", "-4GiB"):  # a bare number would be bytes; a GPU has some memory
+        with pytest.raises(UserError, match="write e.g. 24GiB"):
+            parse_size(bad)
 
 
 def test_plan_command(capsys, monkeypatch):
@@ -104,4 +108,4 @@ def test_train_prints_the_plan_at_start(tmp_path, capsys):
     path = basic_setup(tmp_path, max_steps=1, evals_per_run=0)
     train_module.train(load_config(path), show_progress=True)
     out = capsys.readouterr().out
-    assert "craft plan: 1 pipeline stage(s)" in out and "predicted peak:" in out
+    assert "craft plan: skipped, no GPU" in out and "predicted peak" not in out  # no GPU figure on CPU

@@ -90,12 +90,12 @@ class Plan:
 
 
 def parse_size(text: str) -> float:
-    """'24GiB', '24 GB', '80G', '512MiB' -> bytes (GB and G are read as GiB: GPU memory is quoted that way)."""
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)(i?B)?\s*", text, flags=re.IGNORECASE)
-    if not match:
-        raise UserError(f"--gpu-memory: cannot read {text!r}; write e.g. 24GiB or 80GB")
-    power = " KMGT".index(match.group(2).upper() or " ")
-    return float(match.group(1)) * 1024 ** power
+    """'24GiB', '24 GB', '80G', '512MiB' -> bytes (GB and G are read as GiB: GPU memory is quoted that way). The
+    unit is required (a bare 24 would be 24 bytes) and the size must be positive."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT])(i?B)?\s*", text, flags=re.IGNORECASE)
+    if not match or float(match.group(1)) <= 0:
+        raise UserError(f"--gpu-memory: cannot read {text!r} as a positive size with a unit; write e.g. 24GiB or 80GB")
+    return float(match.group(1)) * 1024 ** " KMGT".index(match.group(2).upper())
 
 
 class ModelShape:
@@ -246,7 +246,7 @@ def describe(config: TrainConfig, hf_config, gpus: int | None, gpu_memory: float
             f"{str(config.activation_checkpointing).lower()}, chunk_size = {config.chunk_size}",
             format_plan(result)]
     if gpu_memory is not None:
-        budget = f"{gpu_memory / GIB:.0f} GiB"
+        budget = f"{gpu_memory / GIB:.4g} GiB"
         text.append(f"fits on {gpus} x {budget}: {'yes' if result.fits else 'no'}")
         smallest = smallest_fitting_stages(config, hf_config, gpus, gpu_memory, shape)
         if smallest is None:  # how many GPUs (one stage each) would it take?

@@ -299,11 +299,14 @@ def train(config: TrainConfig, resume: str | None = None, show_progress: bool = 
 
 
 def memory_plan(config: TrainConfig, hf_config, world: int) -> str:
-    """`craft plan`'s prediction for this run (with this GPU's memory on CUDA), printed when training starts."""
+    """`craft plan`'s prediction for this run with this GPU's memory, printed when training starts. On CPU there is
+    no GPU memory to predict or check (the plan's terms are CUDA allocations), so it says so instead."""
     from craft.engine.plan import describe
 
-    gpu_memory = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory \
-        if torch.cuda.is_available() else None
+    if not torch.cuda.is_available():
+        return ("craft plan: skipped, no GPU (the prediction is of GPU memory; `craft plan CONFIG --gpu-memory "
+                "24GiB` shows it for a GPU run)")
+    gpu_memory = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
     return "craft plan: " + describe(config, hf_config, world, gpu_memory)
 
 
