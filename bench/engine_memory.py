@@ -3,11 +3,12 @@ HF Trainer + PEFT with gradient checkpointing, side by side in one run.
 
 Command (from the repository root):
 
-    HF_HUB_OFFLINE=1 .venv/bin/python bench/engine_memory.py [--lengths 512,1024,2048,4096,8192] [--cap-gib 11]
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/engine_memory.py [--lengths 1024,4096,8192] [--cap-gib 11]
 
 Model: a random Llama with hidden 256, 8 layers, a 128256-token vocabulary (Llama 3's), float32; LoRA rank 16 on
-every linear map of the decoder layers, micro-batch 1, gradient accumulation 1, 3 optimizer steps on the same
-packed rows (`craft.engine.data`). Configurations:
+every linear map of the decoder layers, micro-batch 1, gradient accumulation 1, on the same packed rows
+(`craft.engine.data`). At `--time-length` (1024) every configuration runs 2 optimizer steps and the second is
+timed; at the other lengths one step, for its peak. Configurations:
 
 * naive      — `activation_checkpointing = false`, `chunk_size = 0`: every activation kept, all logits at once
                (the pipeline before checkpointing and the chunked loss existed, minus its extra copy of the logits
@@ -19,9 +20,9 @@ packed rows (`craft.engine.data`). Configurations:
 * hf         — HF `Trainer` + PEFT LoRA with `activation_checkpointing=True` (it materialises float32 logits).
 
 Each configuration at each length runs in a fresh subprocess, so peaks do not mix. Peak = the process's resident
-high-water mark (`VmHWM`; on CUDA `torch.cuda.max_memory_allocated` instead); step time = median of steps 2-3.
+high-water mark (`VmHWM`; on CUDA `torch.cuda.max_memory_allocated` instead); step time = the second step's.
 A run whose predicted peak (`craft plan`'s tensor bytes + the measured resident size of a process that has
-imported everything) exceeds `--cap-gib` is not run and is listed with its prediction, to keep a shared machine up.
+imported everything) exceeds `--cap-gib` (11 on CPU) is not run and is listed with its prediction, to keep a shared machine up.
 
 The loss working set is measured apart, in its own subprocess: torch's allocator peak (profiler memory events) of
 one forward + backward of the loss alone at 4096 tokens, chunked ÷ plain.
@@ -36,12 +37,13 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, report  # noqa: E402
 
-HIDDEN, LAYERS, VOCAB, STEPS = 256, 8, 128256, 3
+HIDDEN, LAYERS, VOCAB, STEPS = 256, 8, 128256, 2
 from engine_throughput import ALPHA, RANK  # noqa: E402  (the same LoRA as the throughput benchmark)
 CONFIGS = {"naive": ("false", 0), "ckpt": ("true", 0), "ckpt+chunk": ("true", 256),
            "offload": ('"offload"', 256)}
@@ -94,27 +96,28 @@ def _cuda() -> bool:
 # ------------------------------------------------------------------------------------------------ children
 
 
-def child_craft(config_path: str, length: int, name: str) -> dict:
+def child_craft(config_path: str, length: int, name: str, steps: int) -> dict:
     from craft.engine.config import load_config
     from craft.engine.train import train
 
     checkpointing, chunk = CONFIGS[name]
     config = load_config(config_path, [f"sequence_len={length}", f"activation_checkpointing={checkpointing}",
-                                       f"chunk_size={chunk}", f'output_dir="{Path(config_path).parent}/{name}"'])
+                                       f"chunk_size={chunk}", f'output_dir="{Path(config_path).parent}/{name}"',
+                                       f"max_steps={steps}"])
     summary = train(config, show_progress=False)
     records = [json.loads(line) for line in (Path(summary["run_dir"]) / "losses.jsonl").read_text().splitlines()]
     times = [length / r["train_tokens_per_second"] for r in records if "train_tokens_per_second" in r][1:]
-    return {"peak": _peak_bytes(), "step_seconds": statistics.median(times)}
+    return {"peak": _peak_bytes(), "step_seconds": statistics.median(times) if times else None}
 
 
-def child_hf(config_path: str, length: int) -> dict:
+def child_hf(config_path: str, length: int, steps: int) -> dict:
     from engine_throughput import hf_lora_step_times
 
     path = Path(config_path)
     sized = path.with_name(f"config_{length}.toml")
     sized.write_text(path.read_text().replace("sequence_len = 512", f"sequence_len = {length}"))
-    times = hf_lora_step_times(sized, STEPS, 1, activation_checkpointing=True)
-    return {"peak": _peak_bytes(), "step_seconds": statistics.median(times[1:])}
+    times = hf_lora_step_times(sized, steps, 1, activation_checkpointing=True)
+    return {"peak": _peak_bytes(), "step_seconds": statistics.median(times[1:]) if steps > 1 else None}
 
 
 def child_loss(length: int) -> dict:
@@ -143,6 +146,46 @@ def child_loss(length: int) -> dict:
         else:
             out[name] = peak_allocated_bytes(region)
     return out
+
+
+def child_timing(config_path: str, length: int, rounds: int) -> dict:
+    """Forward + backward seconds of one micro-batch for naive / ckpt / ckpt+chunk (the pipeline's items in this
+    process) and HF + PEFT with checkpointing, alternated round by round so background load hits all alike;
+    the median per configuration. (The optimizer step of a rank-16 LoRA is negligible next to these.)"""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from craft.engine.config import load_config
+    from craft.engine.model import DTYPES, linear_module_names, load_stage
+    from craft.engine.pipeline import sequential_loss
+
+    config = load_config(config_path, [f"sequence_len={length}"])
+    stage = load_stage(config, 0, 1)
+    stage.model.train()
+    hf = AutoModelForCausalLM.from_pretrained(config.model_dir, dtype=DTYPES[config.model_dtype])
+    hf = get_peft_model(hf, LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=linear_module_names(hf),
+                                       task_type="CAUSAL_LM"))
+    hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    hf.enable_input_require_grads()
+    hf.train()
+    ids = torch.randint(4, 384, (1, length), generator=torch.Generator().manual_seed(0))
+
+    def craft_step(name):
+        checkpointing, chunk = CONFIGS[name]
+        sequential_loss(stage, ids, ids, checkpointing={"false": False, "true": True}[checkpointing],
+                        chunk_size=chunk).backward()
+
+    steps = {"naive": lambda: craft_step("naive"), "ckpt": lambda: craft_step("ckpt"),
+             "ckpt+chunk": lambda: craft_step("ckpt+chunk"), "hf": lambda: hf(input_ids=ids, labels=ids).loss.backward()}
+    times = {name: [] for name in steps}
+    for round_index in range(rounds + 1):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            if round_index:  # the first round warms up
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def child_baseline() -> dict:
@@ -181,21 +224,32 @@ def predicted_bytes(config_path: Path, length: int, name: str, baseline: int) ->
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--lengths", default="512,1024,2048,4096,8192")
-    parser.add_argument("--cap-gib", type=float, default=11.0, help="skip runs predicted to need more")
+    parser.add_argument("--lengths", default="1024,4096,8192",
+                        help="sequence lengths; the checkpointed runs with the plain loss, offload and HF run at "
+                             "1024 and 4096 only (the ratios' lengths)")
+    parser.add_argument("--time-length", type=int, default=1024, help="the length at which step times are taken")
+    parser.add_argument("--cap-gib", type=float, default=None,
+                        help="skip runs predicted to need more (default: 11 on CPU, 90%% of the GPU's memory)")
+    parser.add_argument("--results-json", default=None, help="also write the measurements to this file")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         kind, rest = args.child[0], args.child[1:]
-        result = {"craft": lambda: child_craft(rest[0], int(rest[1]), rest[2]),
-                  "hf": lambda: child_hf(rest[0], int(rest[1])), "loss": lambda: child_loss(int(rest[0])),
+        result = {"craft": lambda: child_craft(rest[0], int(rest[1]), rest[2], int(rest[3])),
+                  "hf": lambda: child_hf(rest[0], int(rest[1]), int(rest[2])), "loss": lambda: child_loss(int(rest[0])),
+                  "timing": lambda: child_timing(rest[0], int(rest[1]), int(rest[2])),
                   "baseline": child_baseline}[kind]()
         print(json.dumps(result))
         return
 
     lengths = [int(n) for n in args.lengths.split(",")]
-    plan_lengths = {"naive": lengths, "ckpt": [1024, 4096], "ckpt+chunk": lengths, "offload": [1024, 4096],
-                    "hf": lengths}
+    if args.cap_gib is None:
+        import torch
+
+        args.cap_gib = 0.9 * torch.cuda.get_device_properties(0).total_memory / GIB if _cuda() else 11.0
+    timed = args.time_length
+    plan_lengths = {"naive": lengths, "ckpt": [timed], "ckpt+chunk": lengths, "offload": [timed],
+                    "hf": [n for n in lengths if n <= 4096]}
     print(machine(), f"| llama hidden {HIDDEN}, {LAYERS} layers, vocab {VOCAB}, LoRA r{RANK}, micro-batch 1")
     results: dict[str, dict[int, dict]] = {name: {} for name in plan_lengths}
     with tempfile.TemporaryDirectory() as tmp:
@@ -210,18 +264,22 @@ def main() -> None:
                     results[name][length] = {"skipped": predicted}
                     print(f"{name:>10} @ {length:5d}: not run: predicted {predicted / GIB:.1f} GiB", flush=True)
                     continue
-                child = ("hf", str(config_path), str(length)) if name == "hf" else \
-                    ("craft", str(config_path), str(length), name)
+                steps = str(STEPS if length == timed else 1)
+                child = ("hf", str(config_path), str(length), steps) if name == "hf" else \
+                    ("craft", str(config_path), str(length), name, steps)
                 result = run_child(*child)
                 result["predicted"] = predicted
                 results[name][length] = result
+                timing = f", step {result['step_seconds']:6.2f} s" if result["step_seconds"] else ""
                 print(f"{name:>10} @ {length:5d}: peak {result['peak'] / GIB:6.2f} GiB (plan + baseline "
-                      f"{predicted / GIB:6.2f}), step {result['step_seconds']:6.2f} s", flush=True)
-        loss = run_child("loss", "4096")
-    summarize(results, loss)
+                      f"{predicted / GIB:6.2f}){timing}", flush=True)
+        loss = run_child("loss", "4096") if 4096 in lengths else {}
+    if args.results_json:
+        Path(args.results_json).write_text(json.dumps({"results": results, "loss": loss}))
+    summarize(results, loss, timed)
 
 
-def summarize(results: dict, loss: dict) -> None:
+def summarize(results: dict, loss: dict, timed: int) -> None:
     def peak(name, length):
         return results[name].get(length, {}).get("peak")
 
@@ -229,17 +287,19 @@ def summarize(results: dict, loss: dict) -> None:
         return results[name].get(length, {}).get("step_seconds")
 
     logits_copy = (4096 - 1024) * VOCAB * 4
-    growth = peak("ckpt+chunk", 4096) - peak("ckpt+chunk", 1024)
-    report("craft train peak growth 1024 -> 4096 tokens / one float32 copy of the extra tokens' logits",
-           growth / logits_copy, "<= 0.15", f"+{growth / 2**20:.0f} MiB vs {logits_copy / 2**20:.0f} MiB; "
-           f"checkpointing + chunked loss, vocab {VOCAB}")
+    if peak("ckpt+chunk", 4096) and peak("ckpt+chunk", 1024):
+        growth = peak("ckpt+chunk", 4096) - peak("ckpt+chunk", 1024)
+        report("craft train peak growth 1024 -> 4096 tokens / one float32 copy of the extra tokens' logits",
+               growth / logits_copy, "<= 0.15", f"+{growth / 2**20:.0f} MiB vs {logits_copy / 2**20:.0f} MiB; "
+               f"checkpointing + chunked loss, vocab {VOCAB}")
     if peak("naive", 4096) and peak("naive", 1024):
         naive_growth = peak("naive", 4096) - peak("naive", 1024)
         report("naive (no checkpointing, plain loss) peak growth 1024 -> 4096 / one float32 logits copy",
                naive_growth / logits_copy, "", f"+{naive_growth / GIB:.2f} GiB (the before-picture)")
-    report("loss working set at 4096 tokens, vocab 128256: chunked / plain", loss["chunked"] / loss["plain"],
-           "<= 0.125", f"{loss['chunked'] / 2**20:.0f} MiB vs {loss['plain'] / 2**20:.0f} MiB (allocator peak)")
-    for length in (1024, 4096):
+    if loss:
+        report("loss working set at 4096 tokens, vocab 128256: chunked / plain", loss["chunked"] / loss["plain"],
+               "<= 0.125", f"{loss['chunked'] / 2**20:.0f} MiB vs {loss['plain'] / 2**20:.0f} MiB (allocator peak)")
+    for length in (timed,):
         if seconds("naive", length) and seconds("ckpt", length):
             report(f"step time with checkpointing / without ({length} tokens, plain loss)",
                    seconds("ckpt", length) / seconds("naive", length), "<= 1.4")
@@ -249,11 +309,12 @@ def summarize(results: dict, loss: dict) -> None:
         if seconds("ckpt+chunk", length) and seconds("offload", length):
             report(f"step time offload / checkpointing ({length} tokens, chunked loss)",
                    seconds("offload", length) / seconds("ckpt+chunk", length), "")
-    for length in sorted(results["hf"]):
+    for length in sorted(set(results["hf"]) | set(results["ckpt+chunk"])):
         if peak("hf", length) and peak("ckpt+chunk", length):
             report(f"craft train / HF Trainer + PEFT, both checkpointed: peak memory ({length} tokens)",
                    peak("ckpt+chunk", length) / peak("hf", length), "<= 1.0",
                    f"{peak('ckpt+chunk', length) / GIB:.2f} vs {peak('hf', length) / GIB:.2f} GiB")
+        if seconds("hf", length) and seconds("ckpt+chunk", length):
             report(f"craft train / HF Trainer + PEFT, both checkpointed: tokens/s ({length} tokens)",
                    seconds("hf", length) / seconds("ckpt+chunk", length), ">= 1.0")
     for name, by_length in results.items():

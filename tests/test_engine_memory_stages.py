@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -30,10 +31,16 @@ def test_two_stages_train_alike_in_every_memory_mode(tmp_path):
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     worker = Path(__file__).with_name("engine_memory_worker.py")
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                             str(_free_port()), str(worker), str(config)], env=env, cwd=REPO, capture_output=True,
-                            text=True, timeout=400)
-    assert result.returncode == 0, result.stderr[-3000:]
+    launch = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                               str(_free_port()), str(worker), str(config)], env=env, cwd=REPO, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        _, stderr = launch.communicate(timeout=400)
+    except subprocess.TimeoutExpired:
+        os.killpg(launch.pid, signal.SIGKILL)  # torchrun and both workers: none may outlive the test
+        launch.communicate()
+        raise
+    assert launch.returncode == 0, stderr[-3000:]
     from safetensors.torch import load_file
 
     runs = {name: only_run(tmp_path / name) for name in ("plain", "checkpointed", "offloaded")}
