@@ -14,7 +14,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 DOC = REPO / "docs" / "training.md"
 BEGIN, END = "<!-- errors:begin -->", "<!-- errors:end -->"
-# The modules behind the tools; engine/config.py's validators raise ValueError, reported as a UserError, and its
+# The modules behind the tools; engine/config.py's validators raise ValueError (the cross-key ones collect `conflicts` first), reported as a UserError, and its
 # `_describe` returns the messages of pydantic's own errors (unknown / missing keys, wrong types).
 SOURCES = ["cli.py", "quiet.py", "engine", "export", "adapters"]
 VALIDATORS = {"engine/config.py"}
@@ -49,6 +49,10 @@ def error_messages() -> dict[str, list[str]]:
             if isinstance(node, ast.Raise) and isinstance(node.exc, ast.Call) and node.exc.args and \
                     isinstance(node.exc.func, ast.Name) and node.exc.func.id in kinds:
                 found.update(t.strip() for t in _template(node.exc.args[0]))
+            if relative in VALIDATORS and isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and \
+                    node.func.attr == "append" and isinstance(node.func.value, ast.Name) and \
+                    node.func.value.id == "conflicts":  # the cross-key conflicts, raised together as one ValueError
+                found.update(t.strip() for t in _template(node.args[0]))
             if isinstance(node, ast.FunctionDef) and (relative, node.name) in DESCRIBERS:
                 found.update(t.strip() for r in ast.walk(node) if isinstance(r, ast.Return) and r.value
                              for t in _template(r.value))

@@ -105,6 +105,13 @@ def test_full_fine_tune_with_weight_decay_explains(capsys, setup):
     assert "catastrophic cancellation" in err and "inductive bias" in err
 
 
+def test_all_cross_key_conflicts_in_one_line(capsys):
+    err = fail(capsys, Path(__file__).parents[1] / "examples" / "lora.toml", "--set", "full_fine_tune=true", "--set", "load_in_4bit=true",
+               "--set", "use_control_adapters=true")
+    assert "lora_weight_decay is not supported with full_fine_tune" in err and "load_in_4bit cannot be combined" \
+        in err and "use_control_adapters cannot both be true" in err and err.count("; ") >= 2
+
+
 def test_missing_config_file(capsys, tmp_path):
     assert "config file not found" in fail(capsys, tmp_path / "nope.toml")
 

@@ -128,24 +128,28 @@ class TrainConfig(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self):
+        """Every cross-key conflict, all of them in one `; `-separated message (like the per-key errors)."""
+        conflicts = []
         if self.full_fine_tune and self.use_control_adapters:
-            raise ValueError("full_fine_tune and use_control_adapters cannot both be true")
+            conflicts.append("full_fine_tune and use_control_adapters cannot both be true")
         if self.full_fine_tune and self.lora_weight_decay > 0:
-            raise ValueError(
+            conflicts.append(
                 "lora_weight_decay is not supported with full_fine_tune: weight decay on bfloat16 weights suffers "
                 "catastrophic cancellation, and pulling pretrained weights toward zero is a poor inductive bias")
         if self.full_fine_tune and self.load_in_4bit:
-            raise ValueError("load_in_4bit cannot be combined with full_fine_tune (4-bit weights are frozen)")
+            conflicts.append("load_in_4bit cannot be combined with full_fine_tune (4-bit weights are frozen)")
         if not self.full_fine_tune and self.lora_rank is None:
-            raise ValueError("lora_rank is required for LoRA and Control Adapter training")
+            conflicts.append("lora_rank is required for LoRA and Control Adapter training")
         if self.use_control_adapters and self.target_modules is not None:
-            raise ValueError("target_modules is not available with use_control_adapters (they act per layer)")
+            conflicts.append("target_modules is not available with use_control_adapters (they act per layer)")
         if self.evals_per_epoch is not None and "evals_per_run" in self.model_fields_set:
-            raise ValueError("evals_per_run and evals_per_epoch cannot both be given (choose one eval schedule)")
+            conflicts.append("evals_per_run and evals_per_epoch cannot both be given (choose one eval schedule)")
         for index, spec in enumerate(self.datasets):
             if spec.max_tokens is not None and spec.max_tokens < self.sequence_len:
-                raise ValueError(f"datasets.{index}.max_tokens={spec.max_tokens} is less than one sequence "
+                conflicts.append(f"datasets.{index}.max_tokens={spec.max_tokens} is less than one sequence "
                                  f"(sequence_len={self.sequence_len})")
+        if conflicts:
+            raise ValueError("; ".join(conflicts))
         return self
 
     # Derived values -----------------------------------------------------------------------------------------
