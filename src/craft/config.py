@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 from craft.data import CONTRASTIVE_KEYS
 from craft.errors import UserError
+from craft.validation import reject_unknown_craft_keys
 from craft.presets import CRAFT_PRESETS, auto_configure, get_preset  # noqa: F401  (contrastive-ft 0.4.3 names)
 
 BETA_MODES = ("fixed", "auto")
@@ -229,11 +230,13 @@ def _sft_config_class():
     return SFTConfig
 
 
+@reject_unknown_craft_keys
 @dataclass
 class CRAFTTrainingArguments(CRAFTConfigMixin, _training_arguments_class()):
     """`transformers.TrainingArguments` plus the CRAFT knobs, for `class T(CRAFTTrainerMixin, Trainer)`."""
 
 
+@reject_unknown_craft_keys
 @dataclass
 class CRAFTSFTConfig(CRAFTConfigMixin, _sft_config_class()):
     """`trl.SFTConfig` plus the CRAFT knobs, for `craft.trainers.CRAFTSFTTrainer`."""
@@ -255,21 +258,25 @@ def _trl_config_class(name: str):
     return getattr(trl, name)
 
 
+@reject_unknown_craft_keys
 @dataclass
 class CRAFTDPOConfig(CRAFTConfigMixin, _trl_config_class("DPOConfig")):
     """`trl.DPOConfig` plus the CRAFT knobs, for `craft.trainers.CRAFTDPOTrainer`."""
 
 
+@reject_unknown_craft_keys
 @dataclass
 class CRAFTGRPOConfig(CRAFTConfigMixin, _trl_config_class("GRPOConfig")):
     """`trl.GRPOConfig` plus the CRAFT knobs, for `craft.trainers.CRAFTGRPOTrainer`."""
 
 
+@reject_unknown_craft_keys
 @dataclass
 class CRAFTKTOConfig(CRAFTConfigMixin, _trl_config_class("KTOConfig")):
     """`trl.KTOConfig` plus the CRAFT knobs, for `craft.trainers.CRAFTKTOTrainer`."""
 
 
+@reject_unknown_craft_keys
 @dataclass
 class CRAFTRLOOConfig(CRAFTConfigMixin, _trl_config_class("RLOOConfig")):
     """`trl.RLOOConfig` plus the CRAFT knobs, for `craft.trainers.CRAFTRLOOTrainer`."""
@@ -292,7 +299,8 @@ def _lazy_config(name: str):
     else:
         host = getattr(trl, "PPOConfig", None) or _training_arguments_class()
     doc = f"`{host.__module__}.{host.__name__}` plus the CRAFT knobs."
-    return dataclass(type(name, (CRAFTConfigMixin, host), {"__doc__": doc, "__module__": __name__}))
+    return reject_unknown_craft_keys(dataclass(type(name, (CRAFTConfigMixin, host),
+                                                    {"__doc__": doc, "__module__": __name__})))
 
 
 def __getattr__(name: str):

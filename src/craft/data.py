@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from craft.errors import UserError
+from craft.packing import collate_padding_free
 
 STRATEGIES = ("paired_dataset", "self_align")
 LENGTH_STRATEGIES = ("oversample", "cap", "auto_beta", "error")
@@ -243,10 +244,15 @@ class CRAFTCollator:
     ``padding_side="left"`` puts the padding first. Other numeric columns are stacked; string columns are dropped.
     ``add_labels=True`` builds ``labels`` from ``input_ids`` (padding -> ``label_pad_token_id``) for rows that
     have none.
+
+    ``padding_free=True`` (TRL's ``packing=True`` / ``padding_free=True``): the rows are flattened into one packed
+    sequence [1, N] with per-conversation ``position_ids`` (restarting at every ``seq_lengths`` boundary), the
+    varlen keys and no attention mask, exactly as TRL's own collator does (`craft.packing`). SFT rows only.
     """
 
     def __init__(self, pad_token_id: int = 0, label_pad_token_id: int = -100, pad_to_multiple_of: int | None = None,
-                 padding_side: str = "right", assistant_mask_key: str = "assistant_mask", add_labels: bool = False):
+                 padding_side: str = "right", assistant_mask_key: str = "assistant_mask", add_labels: bool = False,
+                 padding_free: bool = False):
         if padding_side not in ("right", "left"):
             raise UserError(f"padding_side must be 'right' or 'left'; got {padding_side!r}")
         if pad_to_multiple_of is not None and int(pad_to_multiple_of) <= 0:
@@ -257,6 +263,7 @@ class CRAFTCollator:
         self.padding_side = padding_side
         self.assistant_mask_key = assistant_mask_key
         self.add_labels = bool(add_labels)
+        self.padding_free = bool(padding_free)
         self._warned: set[str] = set()
 
     @staticmethod
@@ -290,6 +297,10 @@ class CRAFTCollator:
         for i, row in enumerate(features):
             if not isinstance(row, Mapping):
                 raise UserError(f"CRAFTCollator: feature {i} is a {type(row).__name__}, not a dict of columns")
+        if self.padding_free:
+            return collate_padding_free(features, self.pad_token_id, pad_to_multiple_of=self.pad_to_multiple_of,
+                                        assistant_mask_key=self.assistant_mask_key,
+                                        label_pad_token_id=self.label_pad_token_id)
         columns: list[str] = []
         for row in features:
             columns += [c for c in row if c not in columns]

@@ -23,11 +23,13 @@ POOLING_STRATEGIES = ("last_token", "mean", "cls", "weighted_mean")
 MAX_LOGIT_SCALE = 100.0
 
 
-def _as_mask(hidden: Tensor, attention_mask: Tensor | None) -> Tensor:
-    """A boolean [B, T] mask (True where the mask is non-zero), checked against `hidden`."""
+def _as_mask(hidden: Tensor, attention_mask: Tensor | None, rows: Tensor | None = None) -> Tensor:
+    """A boolean [B, T] mask (True where the mask is non-zero), checked against `hidden` (B = len(rows) if given)."""
     if hidden.dim() != 3:
         raise UserError(f"pooling expects hidden states of shape [batch, seq, hidden]; got {tuple(hidden.shape)}")
     batch, seq = hidden.shape[:2]
+    if rows is not None:
+        batch = rows.shape[0]
     if attention_mask is None:
         return torch.ones(batch, seq, dtype=torch.bool, device=hidden.device)
     if tuple(attention_mask.shape) != (batch, seq):
@@ -43,8 +45,12 @@ def _as_mask(hidden: Tensor, attention_mask: Tensor | None) -> Tensor:
 
 
 def pool_hidden_states(hidden_states: Tensor, attention_mask: Tensor | None, strategy: str,
-                       weights: Tensor | None = None) -> Tensor:
+                       weights: Tensor | None = None, rows: Tensor | None = None) -> Tensor:
     """Pool ``hidden_states`` [B, T, H] over the positions where ``attention_mask`` [B, T] is 1; returns [B, H].
+
+    With ``rows`` [S] (packed batches: several conversations per row, `craft.packing.packed_segments`),
+    ``attention_mask`` is [S, T] and output ``s`` pools row ``rows[s]`` over ``attention_mask[s]``; returns
+    [S, H] (no [S, T, H] copy).
 
     * ``last_token`` — the hidden state at the last position where the mask is 1 (right or left padding, or a
       span mask ending anywhere).
@@ -60,9 +66,10 @@ def pool_hidden_states(hidden_states: Tensor, attention_mask: Tensor | None, str
     hidden = hidden_states
     if strategy not in POOLING_STRATEGIES:
         raise UserError(f"unknown pooling strategy {strategy!r}; valid strategies: {', '.join(POOLING_STRATEGIES)}")
-    mask = _as_mask(hidden, attention_mask)
+    mask = _as_mask(hidden, attention_mask, rows)
     batch, seq = mask.shape
-    rows = torch.arange(batch, device=hidden.device)
+    packed = rows is not None
+    rows = rows.to(hidden.device) if packed else torch.arange(batch, device=hidden.device)
     if strategy == "last_token":
         positions = torch.arange(seq, device=hidden.device).expand(batch, seq)
         index = torch.where(mask, positions, -1).amax(dim=1)
@@ -80,8 +87,14 @@ def pool_hidden_states(hidden_states: Tensor, attention_mask: Tensor | None, str
         mask_weights = mask_weights * weights.to(mask_weights)
     elif strategy == "weighted_mean":
         mask_weights = torch.cumsum(mask_weights, dim=1) * mask_weights  # 1..n over masked positions, 0 elsewhere
-    mask_weights = mask_weights / mask_weights.sum(dim=1, keepdim=True)
-    return torch.bmm(mask_weights.to(hidden.dtype).unsqueeze(1), hidden).squeeze(1)
+    mask_weights = (mask_weights / mask_weights.sum(dim=1, keepdim=True)).to(hidden.dtype)
+    if not packed:
+        return torch.bmm(mask_weights.unsqueeze(1), hidden).squeeze(1)
+    out = hidden.new_empty(batch, hidden.shape[2])
+    for row in rows.unique().tolist():  # each row's conversations: [S_row, T] @ [T, H]
+        chosen = (rows == row).nonzero().flatten()
+        out = out.index_copy(0, chosen, mask_weights[chosen] @ hidden[row])
+    return out
 
 
 class ProjectionHead(nn.Module):

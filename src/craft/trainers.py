@@ -67,6 +67,7 @@ from craft.hooks import last_hidden_state, text_config, unwrap_model
 from craft.objective import OBJECTIVE_NAME, ContrastiveObjective, attach_objective, objective_tensors
 from craft.trainer_keys import CRAFTBatchKeysMixin, RenamedRows
 from craft.trainer_logging import CRAFTLoggingMixin, WindowLog
+from craft.validation import check_craft_keywords
 
 CRAFT_STATE_NAME = "craft_state.pt"
 # Keys a model forward accepts besides those in its signature.
@@ -121,6 +122,9 @@ class CRAFTTrainerMixin(CRAFTLoggingMixin, CRAFTBatchKeysMixin):
     def __init__(self, *args, craft_bundle=None, craft_sft_loader=None, craft_contrastive_loader=None,
                  contrastive_dataset=None, craft_strategy=None, craft_collator=None, craft_loader_factory=None,
                  **kwargs):
+        check_craft_keywords(type(self).__name__, kwargs, ("craft_bundle", "craft_sft_loader",
+                                                           "craft_contrastive_loader", "craft_strategy",
+                                                           "craft_collator", "craft_loader_factory"))
         bound = inspect.signature(super().__init__).bind_partial(*args, **kwargs).arguments
         self._craft_user_collator = bound.get("data_collator")
         training_args = bound.get("args")
