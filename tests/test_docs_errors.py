@@ -16,7 +16,7 @@ DOC = REPO / "docs" / "training.md"
 BEGIN, END = "<!-- errors:begin -->", "<!-- errors:end -->"
 # The modules behind the tools; engine/config.py's validators raise ValueError (the cross-key ones collect `conflicts` first), reported as a UserError, and its
 # `_describe` returns the messages of pydantic's own errors (unknown / missing keys, wrong types).
-SOURCES = ["cli.py", "quiet.py", "engine", "export", "adapters"]
+SOURCES = ["cli.py", "errors.py", "quiet.py", "engine", "export", "adapters"]
 VALIDATORS = {"engine/config.py"}
 DESCRIBERS = {("engine/config.py", "_describe")}
 

@@ -138,7 +138,13 @@ def test_empty_file(capsys, setup):
 def test_row_without_text(capsys, setup):
     path = _with_data(setup, "rows.jsonl", b'{"text": "fine"}\n{"txt": "typo"}\n')
     err = fail(capsys, setup)
-    assert str(path) in err and "row 1" in err and '"text"' in err
+    assert str(path) in err and "line 2 has" in err and '"text"' in err  # the line an editor shows
+
+
+def test_json_list_item_without_text(capsys, setup):
+    path = _with_data(setup, "rows.json", b'[{"text": "fine"}, {"txt": "typo"}]')
+    err = fail(capsys, setup)
+    assert str(path) in err and "list item 2 (counting from 1)" in err
 
 
 def test_not_utf8(capsys, setup):
@@ -188,6 +194,11 @@ def test_pipeline_stages_must_divide_world(capsys, setup):
 def test_model_dir_without_config(capsys, setup, tmp_path):
     err = fail(capsys, setup, "--set", f'model_dir="{tmp_path}"')
     assert "no config.json" in err
+
+
+def test_model_dir_naming_its_config_file(capsys, setup, tmp_path):
+    err = fail(capsys, setup, "--set", f'model_dir="{tmp_path / "model" / "config.json"}"')
+    assert "config.json' is a file, not a directory" in err
 
 
 @pytest.mark.parametrize("size", ["24", "0GiB"])
@@ -394,6 +405,28 @@ def test_tools_find_the_recorded_base_from_another_directory(trained, tmp_path, 
     assert adapter_config["base_model_name_or_path"] == str((root / "model").resolve())
     monkeypatch.chdir(tmp_path)
     assert main(["export-gguf", str(run / "epoch1"), "lora.gguf"]) == 0 and (tmp_path / "lora.gguf").is_file()
+
+
+def test_convert_of_a_file_or_a_lora_points_the_right_way(capsys, trained, tmp_path):
+    root, _, run = trained
+    weights = run / "epoch1" / "adapter_model.safetensors"
+    err = fail_cli(capsys, ["convert", weights, tmp_path / "o"], untouched=(tmp_path / "o",))
+    assert f"{weights} is a file, not a directory" in err
+    err = fail_cli(capsys, ["convert", run / "epoch1", tmp_path / "o"], untouched=(tmp_path / "o",))
+    assert "is a PEFT LoRA, not a Control Adapter" in err and "None" not in err
+
+
+def test_merge_warns_once_about_another_config(capsys, tmp_path):
+    """A Control Adapter's merge checks the base where its updates are built; the warning comes once."""
+    config = basic_setup(tmp_path, max_steps=1, evals_per_run=0, use_control_adapters=True)
+    assert main(["train", str(config), "--no_progress"]) == 0
+    adapter = only_run(tmp_path / "out") / "epoch1"
+    base = tmp_path / "base"
+    shutil.copytree(tmp_path / "model", base)
+    (base / "config.json").write_text((base / "config.json").read_text() + "\n")  # same content, other bytes
+    capsys.readouterr()
+    assert main(["merge", str(base), str(adapter), str(tmp_path / "merged")]) == 0
+    assert capsys.readouterr().err.count("differs from the config of the base") == 1
 
 
 def test_merge_refuses_an_adapter_of_another_architecture(capsys, trained, tmp_path):

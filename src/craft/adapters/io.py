@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import UserError, first_line
+from ..errors import UserError, first_line, require_directory
 from .config import ControlAdapterConfig
 from .families import family_of, unwrap_peft
 from .layer import ControlAdapter
@@ -84,9 +84,7 @@ def read_control_adapter(directory) -> tuple[dict, dict[str, torch.Tensor]]:
     """(config dict, {tensor name: tensor}) of a saved Control Adapter; needs no model (for export tools)."""
     from safetensors.torch import load_file
 
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise UserError(f"control adapter directory {str(directory)!r} does not exist")
+    directory = require_directory(directory, "control adapter directory")
     for name in (CONFIG_NAME, WEIGHTS_NAME):
         if not (directory / name).is_file():
             raise UserError(f"{str(directory / name)!r} is missing: not a saved control adapter")
@@ -94,6 +92,9 @@ def read_control_adapter(directory) -> tuple[dict, dict[str, torch.Tensor]]:
         settings = json.loads((directory / CONFIG_NAME).read_text())
     except json.JSONDecodeError as error:
         raise UserError(f"{str(directory / CONFIG_NAME)!r} is not valid JSON: {error}") from None
+    if isinstance(settings, dict) and settings.get("peft_type") == "LORA" and "adapter_type" not in settings:
+        raise UserError(f"{str(directory)!r} is a PEFT LoRA, not a Control Adapter (a LoRA needs no conversion: "
+                        f"merge or export it directly)")
     if not isinstance(settings, dict) or settings.get("adapter_type") != ADAPTER_TYPE:
         found = settings.get("adapter_type") if isinstance(settings, dict) else settings
         raise UserError(f"{str(directory / CONFIG_NAME)!r} has adapter_type {found!r}, expected {ADAPTER_TYPE!r}")

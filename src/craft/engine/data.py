@@ -53,9 +53,10 @@ def dataset_files(spec: DatasetConfig) -> list[Path]:
     return matches
 
 
-def _text_of(row, path: Path, index: int) -> str:
+def _text_of(row, path: Path, where: str) -> str:
+    """The "text" of one row; `where` names the row as the user finds it (a .jsonl line, a list item)."""
     if not isinstance(row, dict) or not isinstance(row.get("text"), str):
-        raise UserError(f"{path}: row {index} has no string field \"text\"")
+        raise UserError(f"{path}: {where} has no string field \"text\"")
     return row["text"]
 
 
@@ -71,7 +72,7 @@ def read_documents(path: Path) -> list[str]:
         docs = table.column("text").to_pylist()
         for index, doc in enumerate(docs):
             if not isinstance(doc, str):
-                raise UserError(f"{path}: row {index} has no string field \"text\"")
+                raise UserError(f"{path}: row {index} (counting from 0) has no string field \"text\"")
     else:
         try:
             content = path.read_text(encoding="utf-8")
@@ -84,7 +85,7 @@ def read_documents(path: Path) -> list[str]:
             for index, line in enumerate(content.splitlines()):
                 if line.strip():
                     try:
-                        docs.append(_text_of(json.loads(line), path, index))
+                        docs.append(_text_of(json.loads(line), path, f"line {index + 1}"))
                     except json.JSONDecodeError as err:
                         raise UserError(f"{path}: line {index + 1} is not valid JSON: {err.msg}") from None
         else:
@@ -94,7 +95,7 @@ def read_documents(path: Path) -> list[str]:
                 raise UserError(f"{path}: invalid JSON at line {err.lineno}: {err.msg}") from None
             if not isinstance(rows, list):
                 raise UserError(f"{path}: expected a JSON list of {{\"text\": ...}} objects")
-            docs = [_text_of(row, path, index) for index, row in enumerate(rows)]
+            docs = [_text_of(row, path, f"list item {index + 1} (counting from 1)") for index, row in enumerate(rows)]
     docs = [d for d in docs if d]
     if not docs:
         raise UserError(f"{path}: no documents (the file is empty)")

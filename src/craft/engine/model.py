@@ -75,6 +75,9 @@ def read_hf_config(model_dir: str | Path, sequence_len: int | None = None):
     from transformers import AutoConfig
 
     model_dir = Path(model_dir)
+    if model_dir.is_file():
+        raise UserError(f"model_dir '{model_dir}' is a file, not a directory (name the directory that holds "
+                        f"config.json and the weights)")
     if not (model_dir / "config.json").is_file():
         raise UserError(f"model_dir '{model_dir}': no config.json (expected a local Hugging Face model directory)")
     try:

@@ -22,7 +22,7 @@ import torch
 from safetensors import safe_open
 
 from craft.adapters.families import FAMILIES, FamilyFacts
-from craft.errors import UserError, first_line
+from craft.errors import UserError, first_line, require_directory
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -100,9 +100,7 @@ class BaseCheckpoint:
 
     @classmethod
     def open(cls, path: str | Path) -> BaseCheckpoint:
-        path = Path(path)
-        if not path.is_dir():
-            raise UserError(f"base model directory {path} does not exist")
+        path = require_directory(path, "base model directory")
         config = read_json(path / "config.json", "a base model directory needs its config.json")
         model_type = config.get("model_type")
         if model_type not in FAMILIES:

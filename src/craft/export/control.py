@@ -190,7 +190,7 @@ def base_dir_for(adapter: ControlAdapterFile, base_dir: str | None) -> BaseCheck
     path = base_dir or adapter.config.get("base_model_name_or_path")
     if not path:
         raise UserError(f"{adapter.path}: no base model given; pass --base BASE_DIR")
-    if not Path(path).is_dir():
+    if not Path(path).exists():
         raise UserError(f"base model directory {path} does not exist "
                         f"({'--base' if base_dir else 'base_model_name_or_path in the adapter config'}); "
                         "pass --base with a local directory")

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from craft.errors import UserError
+from craft.errors import UserError, require_directory
 from craft.export.checkpoint import read_json, safetensors_file
 
 PEFT_PREFIX = "base_model.model."
@@ -114,9 +114,7 @@ def _pattern_value(patterns: dict, module: str, default):
 
 def adapter_kind(adapter_dir: str | Path) -> tuple[str, dict]:
     """Classify an adapter directory: ("control", cfg), ("lora", cfg) or ("multiplicative", cfg)."""
-    adapter_dir = Path(adapter_dir)
-    if not adapter_dir.is_dir():
-        raise UserError(f"adapter directory {adapter_dir} does not exist")
+    adapter_dir = require_directory(adapter_dir, "adapter directory")
     config = read_json(adapter_dir / "adapter_config.json", "not an adapter directory (no adapter_config.json)")
     if config.get("adapter_type") == "control_adapter":
         return "control", config

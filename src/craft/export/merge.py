@@ -70,7 +70,9 @@ def merge(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path, mu
     base = BaseCheckpoint.open(base_dir)
     if Path(out_dir).resolve() == base.path.resolve():
         raise UserError(f"output {out_dir} is the base model directory; choose another OUT_DIR")
-    base.check_adapter(Path(adapter_dir), adapter_kind(adapter_dir)[1])
+    kind, adapter_config = adapter_kind(adapter_dir)
+    if kind != "control":  # a Control Adapter is checked where its updates are built (projection_updates)
+        base.check_adapter(Path(adapter_dir), adapter_config)
     updates = load_updates(base, adapter_dir, multiplicative, direction, strength, block_rule)
     plan: dict[str, list[LowRankUpdate]] = {}
     for name, update in updates.items():
