@@ -208,6 +208,16 @@ def _drop_records_after(path: Path, step: int) -> None:
     os.replace(tmp, path)
 
 
+def _wait_for_a_later_event_file_name(directory: Path) -> None:
+    """Event files are named `events.out.tfevents.<unix seconds>.<host>.<pid>...` and TensorBoard reads them in name
+    order. A run resumed within the same second as an earlier one could sort *before* it, and the earlier file's
+    purge would then hide the new steps; so wait (at most a second) until the new file's name sorts last."""
+    stamps = [int(p.name.split(".")[3]) for p in directory.glob("events.out.tfevents.*")
+              if p.name.split(".")[3].isdigit()]
+    while stamps and int(time.time()) <= max(stamps):
+        time.sleep(0.05)
+
+
 class RunLog:
     """Rank 0's outputs: TensorBoard scalars, `losses.jsonl`, the progress bar."""
 
@@ -223,6 +233,7 @@ class RunLog:
         # A resumed run replays the steps after its checkpoint: their records from the interrupted run go, so every
         # step is logged once (TensorBoard hides events from `purge_step` on; losses.jsonl is cut the same way).
         purge = start_step + 1 if resumed else None
+        _wait_for_a_later_event_file_name(run_dir / "tensorboard")
         self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=purge)
         if resumed:
             _drop_records_after(run_dir / "losses.jsonl", start_step)
