@@ -420,6 +420,13 @@ def is_contrastive_step(k: int, beta: float | Fraction) -> bool:
     return ((k + 1) * p) // q > (k * p) // q
 
 
+def contrastive_count(k: int, beta: float | Fraction) -> int:
+    """How many of micro-batches ``0..k-1`` are contrastive: ``floor(k·γ)`` with ``γ = 1 - beta`` (the schedule's
+    prefix property)."""
+    frac = 1 - _as_fraction(beta)
+    return (int(k) * frac.numerator) // frac.denominator
+
+
 def _loader_len(loader: Any, name: str) -> int:
     try:
         return len(loader)
@@ -549,34 +556,41 @@ class CRAFTMixedDataLoader:
         loader = self.sft_loader if self.sft_loader is not None else self.contrastive_loader
         return getattr(loader, "batch_size", None)
 
+    def passes_per_epoch(self) -> dict[str, int]:
+        """How many passes one epoch takes of each loader (the schedule fixes it): ``{"sft": P, "craft": P}``."""
+        sizes = {SFT: self.num_sft_batches, CONTRASTIVE: self.num_contrastive_batches}
+        return {kind: -(-self._schedule.count(kind) // sizes[kind]) if sizes[kind] else 0 for kind in sizes}
+
     def set_epoch(self, epoch: int) -> None:
-        """Forward ``epoch`` to the loaders' (batch) samplers that have ``set_epoch`` (e.g. DistributedSampler)."""
+        """Select the epoch the next ``__iter__`` yields: loader pass ``r`` of epoch ``e`` is shuffled as pass
+        ``e · P + r`` (``P`` = `passes_per_epoch`), forwarded to the loaders' samplers that have ``set_epoch``.
+
+        Why passes are numbered: a shuffling `DataLoader` draws each pass's order from a generator whose state
+        advances with every pass, so a run resumed in epoch 3 (fresh generator) would replay epoch 1's order."""
         self.epoch = int(epoch)
-        done: set[int] = set()
-        for loader in (self.sft_loader, self.contrastive_loader):
-            if loader is None:
-                continue
-            batch_sampler = getattr(loader, "batch_sampler", None)
-            targets = [loader, getattr(loader, "sampler", None), batch_sampler,
-                       getattr(batch_sampler, "sampler", None)]
-            for target in targets:
-                if target is None or id(target) in done or not callable(getattr(target, "set_epoch", None)):
-                    continue
-                done.add(id(target))
-                target.set_epoch(self.epoch)
-                if target is loader:
-                    break  # the loader forwards to its own sampler
+        passes = self.passes_per_epoch()
+        for kind, loader in ((SFT, self.sft_loader), (CONTRASTIVE, self.contrastive_loader)):
+            if loader is not None:
+                set_loader_epoch(loader, self.epoch * passes[kind])
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         loaders = {SFT: self.sft_loader, CONTRASTIVE: self.contrastive_loader}
+        passes = self.passes_per_epoch()
+        started = {SFT: 0, CONTRASTIVE: 0}
         iterators: dict[str, Iterator | None] = {SFT: None, CONTRASTIVE: None}
+
+        def start(kind: str) -> Iterator:
+            set_loader_epoch(loaders[kind], self.epoch * passes[kind] + started[kind])
+            started[kind] += 1
+            return iter(loaders[kind])
+
         for kind in self._schedule:
             if iterators[kind] is None:
-                iterators[kind] = iter(loaders[kind])
+                iterators[kind] = start(kind)
             try:
                 batch = next(iterators[kind])
             except StopIteration:
-                iterators[kind] = iter(loaders[kind])  # oversampling: loop this loader
+                iterators[kind] = start(kind)  # oversampling: the next pass of this loader
                 try:
                     batch = next(iterators[kind])
                 except StopIteration:
@@ -593,22 +607,73 @@ class CRAFTMixedDataLoader:
             yield batch
 
 
+def set_loader_epoch(loader: Any, epoch: int) -> None:
+    """Forward ``epoch`` to the first of ``loader``, its sampler, its batch sampler and the batch sampler's sampler
+    that has ``set_epoch`` (a `DistributedSampler`, accelerate's loaders); loaders without one are left alone."""
+    batch_sampler = getattr(loader, "batch_sampler", None)
+    for target in (loader, getattr(loader, "sampler", None), batch_sampler, getattr(batch_sampler, "sampler", None)):
+        if target is not None and callable(getattr(target, "set_epoch", None)):
+            target.set_epoch(int(epoch))
+            return
+
+
+class ContrastiveStream:
+    """An endless stream of a loader's batches, pass after pass, whose position is the number of batches drawn.
+
+    Pass ``p`` is shuffled as sampler epoch ``p`` (`set_loader_epoch`), so `seek(n)` puts a fresh stream exactly
+    where one that had drawn ``n`` batches stands: pass ``n // len(loader)``, after ``n % len(loader)`` batches.
+    """
+
+    def __init__(self, loader: Any):
+        self.loader = loader
+        self.length = _loader_len(loader, "contrastive")
+        if self.length == 0:
+            raise UserError("the contrastive loader is empty: it yields no batch")
+        self.position = 0
+        self._iterator: Iterator | None = None
+
+    def seek(self, position: int) -> None:
+        """Continue as a stream that has already yielded ``position`` batches."""
+        self.position = int(position)
+        self._iterator = None
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        offset = self.position % self.length
+        if self._iterator is None or offset == 0:
+            set_loader_epoch(self.loader, self.position // self.length)
+            self._iterator = iter(self.loader)
+            for _ in range(offset):  # resumed mid-pass: skip what the interrupted run drew
+                next(self._iterator)
+        batch = next(self._iterator)
+        self.position += 1
+        return batch
+
+
 def build_loader(dataset: Any, batch_size: int, collator: Any, shuffle: bool, seed: int, drop_last: bool = False, *,
                  num_replicas: int | None = None, rank: int | None = None, num_workers: int = 0):
     """A `torch.utils.data.DataLoader` over `dataset` (a datasets.Dataset or a list of dicts).
 
-    Shuffling is seeded (a fresh permutation each pass, reproducible). With ``num_replicas > 1`` the data is
-    sharded by a `DistributedSampler` (``rank`` of ``num_replicas``, seeded; call ``set_epoch`` each epoch).
+    Shuffling is seeded: pass ``p`` (the sampler's ``set_epoch(p)``) is the permutation of (``seed``, ``p``), the
+    same in any run; iterating never touches the global torch RNG. With ``num_replicas > 1`` the data is sharded
+    by the same `DistributedSampler` (``rank`` of ``num_replicas``). Without shuffling and sharding the loader reads
+    the rows in order.
     """
     from torch.utils.data import DataLoader, DistributedSampler
 
     if int(batch_size) < 1:
         raise UserError(f"batch size must be >= 1; got {batch_size}")
-    if num_replicas is not None and num_replicas > 1:
-        sampler = DistributedSampler(dataset, num_replicas=num_replicas, rank=rank or 0, shuffle=shuffle, seed=seed,
-                                     drop_last=drop_last)
-        return DataLoader(dataset, batch_size=int(batch_size), sampler=sampler, collate_fn=collator,
-                          drop_last=drop_last, num_workers=num_workers)
-    generator = torch.Generator().manual_seed(int(seed)) if shuffle else None
-    return DataLoader(dataset, batch_size=int(batch_size), shuffle=shuffle, generator=generator, collate_fn=collator,
-                      drop_last=drop_last, num_workers=num_workers)
+    replicas = 1 if num_replicas is None else max(int(num_replicas), 1)
+    # Its own generator: a DataLoader without one draws a seed from the global torch RNG at every iter(), which
+    # would shift the dropout randomness of a resumed run (its loaders restart at other moments).
+    generator = torch.Generator().manual_seed(int(seed))
+    if replicas == 1 and not shuffle:
+        return DataLoader(dataset, batch_size=int(batch_size), shuffle=False, collate_fn=collator,
+                          drop_last=drop_last, num_workers=num_workers, generator=generator)
+    # One replica too: DistributedSampler's order is a function of (seed, epoch) alone, which resume needs.
+    sampler = DistributedSampler(dataset, num_replicas=replicas, rank=rank or 0, shuffle=shuffle, seed=int(seed),
+                                 drop_last=drop_last)
+    return DataLoader(dataset, batch_size=int(batch_size), sampler=sampler, collate_fn=collator, drop_last=drop_last,
+                      num_workers=num_workers, generator=generator)

@@ -43,6 +43,7 @@ from collections import defaultdict
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
+from transformers import TrainerCallback
 
 from craft.accumulator import (
     BATCH_TYPE_KEY,
@@ -92,10 +93,26 @@ class _MixedBatchLoader(DataLoader):
     the per-rank samplers (a fresh shard order each epoch)."""
 
     def __init__(self, mixed: CRAFTMixedDataLoader):
-        super().__init__(_MixedBatches(mixed), batch_size=None)
+        # Its own generator: iter() must not draw from the global RNG (resumed dropout randomness would shift).
+        super().__init__(_MixedBatches(mixed), batch_size=None, generator=torch.Generator())
 
     def set_epoch(self, epoch: int) -> None:
         self.dataset.mixed.set_epoch(epoch)
+
+
+class _EpochSync(TrainerCallback):
+    """Tells the mixed loader its epoch at every epoch start. The Trainer's own `set_epoch` does not reach it in
+    the epoch a run resumes inside (accelerate's batch-skipping wrapper drops the call), and a resumed epoch must be
+    shuffled as the interrupted one was. Epoch = global_step // optimizer steps per epoch, the Trainer's rule."""
+
+    def __init__(self, trainer: "CRAFTTrainerMixin"):
+        self.trainer = trainer
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        mixed = self.trainer.craft_mixed_loader
+        if mixed is not None:
+            steps_per_epoch = max(-(-len(mixed) // args.gradient_accumulation_steps), 1)
+            mixed.set_epoch(state.global_step // steps_per_epoch)
 
 
 class CRAFTTrainerMixin(CRAFTLoggingMixin, CRAFTBatchKeysMixin):
@@ -158,6 +175,7 @@ class CRAFTTrainerMixin(CRAFTLoggingMixin, CRAFTBatchKeysMixin):
         self._craft_forward_names = set(inspect.signature(base.forward).parameters) | set(_LABEL_KEYS)
         self._craft_window: WindowLog | None = None
         self._craft_scaler: AccumulationScaler | None = None
+        self.add_callback(_EpochSync(self))
         self._craft_logs: dict[str, list[float]] = defaultdict(list)
 
     @property
@@ -472,9 +490,10 @@ class CRAFTTrainerMixin(CRAFTLoggingMixin, CRAFTBatchKeysMixin):
                             "(the objective is the model's submodule `craft_objective`)")
         return optimizer
 
-    def craft_state_dict(self) -> dict:
-        """The objective's parameters, queue, balancing and EMA state (`ContrastiveObjective.craft_state_dict`)."""
-        return self.craft_objective.craft_state_dict()
+    def craft_state_dict(self, tensors=None) -> dict:
+        """The objective's parameters, queue, balancing and EMA state (`ContrastiveObjective.craft_state_dict`;
+        ``tensors``: its tensors as an engine gathered them, if any)."""
+        return self.craft_objective.craft_state_dict(tensors)
 
     def load_craft_state_dict(self, state: dict) -> None:
         self.craft_objective.load_craft_state_dict(state)
@@ -490,7 +509,7 @@ class CRAFTTrainerMixin(CRAFTLoggingMixin, CRAFTBatchKeysMixin):
         if self.args.should_save:
             output_dir = self.args.output_dir if output_dir is None else output_dir
             os.makedirs(output_dir, exist_ok=True)
-            torch.save(self.craft_objective.craft_state_dict(tensors), os.path.join(output_dir, CRAFT_STATE_NAME))
+            torch.save(self.craft_state_dict(tensors), os.path.join(output_dir, CRAFT_STATE_NAME))
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         super()._load_from_checkpoint(resume_from_checkpoint, model)

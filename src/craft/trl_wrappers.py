@@ -23,11 +23,12 @@ restarted (new shuffle) when exhausted. GradCache, the negative queue and gradie
 
 from __future__ import annotations
 
-from torch.utils.data import DistributedSampler
+import torch
 
 from craft.accumulator import AccumulationScaler, WindowCounts
 from craft.config import TRLFeatureUnavailable, trl_version
-from craft.data import CRAFTCollator, canonical_columns, is_contrastive_step
+from craft.data import (ContrastiveStream, CRAFTCollator, build_loader, canonical_columns, contrastive_count,
+                        is_contrastive_step)
 from craft.errors import UserError
 from craft.balancing_step import CONTRASTIVE_TASK, SFT_TASK
 from craft.preference_rows import PreTokenisedPreferenceRows
@@ -49,41 +50,38 @@ class CRAFTAuxiliaryContrastiveMixin(CRAFTTrainerMixin):
                             "with an assistant span (labels or assistant_mask): the host's own batches "
                             "(preference pairs, prompts) have none")
         self._craft_micro_batch_index = 0
-        self._craft_contrastive_iterator = None
-        self._craft_contrastive_epoch = 0
+        self._craft_contrastive_stream: ContrastiveStream | None = None
 
     # ------------------------------------------------------------------------------------------ data
 
     def get_train_dataloader(self):
         return super(CRAFTTrainerMixin, self).get_train_dataloader()
 
-    def _craft_contrastive_batches(self):
-        loader = self._craft_contrastive_loader
-        if loader is None:
-            tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
-            pad_id = getattr(tokenizer, "pad_token_id", None)
-            collator = CRAFTCollator(pad_token_id=0 if pad_id is None else pad_id,
-                                     assistant_mask_key=self.args.craft_assistant_mask_key)
-            if self._craft_custom_keys:
-                collator = RenamedRows(collator, self._craft_custom_keys)
-            args = self.args
-            seed = args.data_seed if args.data_seed is not None else args.seed
-            from craft.data import build_loader
-
-            loader = build_loader(self.craft_bundle.contrastive_dataset,
-                                  args.craft_contrastive_batch_size or args.per_device_train_batch_size, collator,
-                                  shuffle=True, seed=seed, num_replicas=args.world_size, rank=args.process_index)
-            self._craft_contrastive_loader = loader
-        while True:
-            if isinstance(getattr(loader, "sampler", None), DistributedSampler):
-                loader.sampler.set_epoch(self._craft_contrastive_epoch)
-            yield from loader
-            self._craft_contrastive_epoch += 1
+    def _craft_contrastive_batches(self) -> ContrastiveStream:
+        """The contrastive stream (`craft.data.ContrastiveStream`: pass p shuffled as (seed, p), its position
+        saved in checkpoints), over ``craft_contrastive_loader`` or a seeded loader of the bundle's pairs."""
+        if self._craft_contrastive_stream is None:
+            loader = self._craft_contrastive_loader
+            if loader is None:
+                tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
+                pad_id = getattr(tokenizer, "pad_token_id", None)
+                collator = CRAFTCollator(pad_token_id=0 if pad_id is None else pad_id,
+                                         assistant_mask_key=self.args.craft_assistant_mask_key)
+                if self._craft_custom_keys:
+                    collator = RenamedRows(collator, self._craft_custom_keys)
+                args = self.args
+                seed = args.data_seed if args.data_seed is not None else args.seed
+                loader = build_loader(self.craft_bundle.contrastive_dataset,
+                                      args.craft_contrastive_batch_size or args.per_device_train_batch_size, collator,
+                                      shuffle=True, seed=seed, num_replicas=args.world_size, rank=args.process_index)
+                self._craft_contrastive_loader = loader
+            self._craft_contrastive_stream = ContrastiveStream(loader)
+            # batches drawn so far: one per contrastive micro-batch among host micro-batches 0..index-1
+            self._craft_contrastive_stream.seek(contrastive_count(self._craft_micro_batch_index, self.args.craft_beta))
+        return self._craft_contrastive_stream
 
     def _craft_next_contrastive_batch(self) -> dict:
-        if self._craft_contrastive_iterator is None:
-            self._craft_contrastive_iterator = self._craft_contrastive_batches()
-        batch = canonical_columns(next(self._craft_contrastive_iterator), self._craft_custom_keys)
+        batch = canonical_columns(next(self._craft_contrastive_batches()), self._craft_custom_keys)
         device = self.args.device
         return {k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()}
 
@@ -150,6 +148,21 @@ class CRAFTAuxiliaryContrastiveMixin(CRAFTTrainerMixin):
         if self.craft_balancing.per_task_gradients:
             self.craft_balancing.collect(self._craft_trainable_parameters(), CONTRASTIVE_TASK)
 
+
+    # ------------------------------------------------------------------------------------------- state
+
+    def craft_state_dict(self, tensors=None) -> dict:
+        """The objective's state plus the schedule position: host micro-batches trained so far (the contrastive
+        stream's position follows from it and craft_beta)."""
+        return {**super().craft_state_dict(tensors), "schedule": {"micro_batches": self._craft_micro_batch_index}}
+
+    def load_craft_state_dict(self, state: dict) -> None:
+        state = dict(state)
+        schedule = state.pop("schedule", None)
+        super().load_craft_state_dict(state)
+        if schedule is not None:
+            self._craft_micro_batch_index = int(schedule["micro_batches"])
+            self._craft_contrastive_stream = None  # re-seeks on the next contrastive micro-batch
 
 def _wrapper(host_name: str, host_class, config_name: str):
     doc = (f"`{host_name}` with CRAFT (`craft.trl_wrappers`): the host's arguments plus ``craft_bundle`` "
