@@ -7,8 +7,8 @@ import pytest
 import torch
 from datasets import Dataset
 
-from craft.data import (CRAFTCollator, CRAFTDatasetBundle, CRAFTMixedDataLoader, assistant_token_mask, build_loader,
-                        is_contrastive_step, make_craft_datasets)
+from craft.data import (CONTRASTIVE, CRAFTCollator, CRAFTDatasetBundle, CRAFTMixedDataLoader, assistant_token_mask,
+                        build_loader, is_contrastive_step, make_craft_datasets)
 from craft.errors import UserError
 
 # ------------------------------------------------------------------------------------------------ make_craft_datasets
@@ -237,7 +237,8 @@ def test_with_real_dataloaders_collator_and_set_epoch():
         else:
             assert batch["labels"].shape == batch["input_ids"].shape
     mixed.set_epoch(3)
-    assert con_loader.sampler.epoch == 3
+    assert mixed.passes_per_epoch() == {"sft": 1, CONTRASTIVE: 4}  # 4 contrastive micro-batches of a 1-batch loader
+    assert con_loader.sampler.epoch == 12  # epoch 3 starts at contrastive pass 3 * 4
     first = [b["input_ids"].tolist() for b in build_loader(sft_rows, 2, collator, shuffle=True, seed=7)]
     again = [b["input_ids"].tolist() for b in build_loader(sft_rows, 2, collator, shuffle=True, seed=7)]
     assert first == again

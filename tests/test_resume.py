@@ -1,8 +1,7 @@
 """Exact resume: a run resumed from a checkpoint in epoch 1, at the end of epoch 1, or in epoch 3 logs the same
 losses and ends with the same weights (model, projection head, temperature) as the uninterrupted run — for the
 SFT mixin (with a MoCo queue, loss_scale balancing, dropout and an oversampled loader) and for the DPO, KTO
-and ORPO wrappers
-(whose contrastive stream runs across epochs at its own pace)."""
+and ORPO wrappers (whose contrastive stream runs across epochs at its own pace)."""
 
 from __future__ import annotations
 
