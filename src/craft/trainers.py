@@ -68,7 +68,8 @@ from craft.hooks import last_hidden_state, text_config, unwrap_model
 from craft.objective import OBJECTIVE_NAME, ContrastiveObjective, attach_objective, objective_tensors
 from craft.trainer_keys import CRAFTBatchKeysMixin, RenamedRows
 from craft.trainer_logging import CRAFTLoggingMixin, WindowLog
-from craft.validation import check_craft_keywords
+from craft.validation import (check_bundle_matches, check_craft_keywords, check_prepared_dataset, check_train_dataset,
+                              warn_no_op_settings)
 
 CRAFT_STATE_NAME = "craft_state.pt"
 # Keys a model forward accepts besides those in its signature.
@@ -156,8 +157,11 @@ class CRAFTTrainerMixin(CRAFTLoggingMixin, CRAFTBatchKeysMixin):
                             "would mark ready twice; leave it unset (CRAFT gives every parameter a gradient)")
         # transformers would turn the search on for models without gradient checkpointing.
         training_args.ddp_find_unused_parameters = False
+        check_train_dataset(bound.get("train_dataset"))
         super().__init__(*args, **kwargs)
+        check_prepared_dataset(self.train_dataset)
         self.craft_bundle = self._craft_resolve_bundle(craft_bundle, contrastive_dataset, craft_strategy)
+        check_bundle_matches(bound.get("train_dataset"), self.craft_bundle.sft_dataset)
         self.craft_strategy = self.craft_bundle.strategy
         check_engine_support(self)
         self._craft_sft_loader = craft_sft_loader
@@ -177,6 +181,22 @@ class CRAFTTrainerMixin(CRAFTLoggingMixin, CRAFTBatchKeysMixin):
         self._craft_scaler: AccumulationScaler | None = None
         self.add_callback(_EpochSync(self))
         self._craft_logs: dict[str, list[float]] = defaultdict(list)
+        self._craft_warn_no_ops(base)
+
+    def _craft_warn_no_ops(self, base) -> None:
+        """`craft.validation.warn_no_op_settings` for this trainer's model, schedule and batch sizes."""
+        args = self.args
+        bundle = self.craft_bundle
+        scheduled = (self.craft_self_align or args.craft_beta < 1 or args.craft_beta_mode == "auto"
+                     or args.craft_length_strategy == "auto_beta")
+        sft_pairs = self.craft_self_align and bundle.contrastive_dataset is bundle.sft_dataset
+        size = args.per_device_train_batch_size if sft_pairs else (args.craft_contrastive_batch_size
+                                                                   or args.per_device_train_batch_size)
+        size = getattr(self._craft_contrastive_loader, "batch_size", None) or size
+        causal = type(base).__name__.endswith("ForCausalLM") or bool(getattr(base.config, "is_decoder", False))
+        warn_no_op_settings(args, model_is_causal=causal, contrastive_scheduled=scheduled,
+                            contrastive_batch_size=size,
+                            negatives_from_other_ranks=args.world_size > 1 and args.craft_gather_negatives is not False)
 
     @property
     def craft_objective(self) -> ContrastiveObjective:
