@@ -17,6 +17,7 @@ from craft.accumulator import CONTRASTIVE
 from craft.data import assistant_token_mask
 from craft.errors import UserError
 from craft.hooks import LastHiddenStateCapture, unwrap_model
+from craft.packing import packed_segments
 
 
 class BackboneHiddenStates:
@@ -122,3 +123,23 @@ def with_default_labels(batch, kind: str):
     if "attention_mask" in batch:
         labels[batch["attention_mask"] == 0] = -100
     return {**batch, "labels": labels}
+
+
+def packed_self_align_masks(batch, assistant_mask_key: str, strategy: str = "auto") -> tuple[Tensor, Tensor, Tensor]:
+    """Self-align masks of a packed batch (`craft.packing`): (anchor [S, T], positive [S, T], rows [S]), one pair
+    per conversation that has assistant tokens — the prompt and the answer of that conversation only.
+
+    Conversations without an assistant token (padding at the end of a packed row; TRL drops fully masked rows
+    before packing) are left out; a conversation without a prompt token is a `UserError`.
+    """
+    positive = assistant_token_mask(batch, assistant_mask_key, strategy).bool()
+    attention = batch.get("attention_mask")
+    attention = torch.ones_like(positive) if attention is None else attention.bool()
+    rows, (anchor, positive) = packed_segments(batch["position_ids"], attention & ~positive, positive)
+    keep = positive.any(dim=1)
+    rows, anchor, positive = rows[keep], anchor[keep], positive[keep]
+    empty = (~anchor.any(dim=1)).nonzero().flatten().tolist()
+    if empty:
+        raise UserError(f"self_align: packed conversation(s) {', '.join(map(str, empty))} of the batch have no "
+                        "prompt token (every token is an assistant token), so there is no anchor to pool")
+    return anchor, positive, rows

@@ -202,9 +202,9 @@ class InfoNCELoss(nn.Module):
         """The current temperature τ (clamped as in the loss), a detached scalar tensor."""
         return (1.0 / self.logit_scale()).detach()
 
-    def pool(self, hidden: Tensor, attention_mask: Tensor | None) -> Tensor:
-        """`pool_hidden_states` with this loss's pooling strategy."""
-        return pool_hidden_states(hidden, attention_mask, self.pooling)
+    def pool(self, hidden: Tensor, attention_mask: Tensor | None, rows: Tensor | None = None) -> Tensor:
+        """`pool_hidden_states` with this loss's pooling strategy (``rows``: packed batches, one per mask row)."""
+        return pool_hidden_states(hidden, attention_mask, self.pooling, rows=rows)
 
     def _project(self, pooled: Tensor) -> Tensor:
         if self.projector is None:  # contrastive-ft's lazy head: sized by the first hidden states seen

@@ -75,9 +75,10 @@ class ContrastiveObjective(nn.Module):
         world = distributed_world()
         return world > 1 and (self.gather is None or bool(self.gather))
 
-    def pool(self, hidden: Tensor, mask: Tensor | None) -> Tensor:
-        """Pool hidden states [B, T, H] over ``mask`` [B, T] (`craft.losses.pool_hidden_states`): [B, H]."""
-        return self.infonce.pool(hidden, mask)
+    def pool(self, hidden: Tensor, mask: Tensor | None, rows: Tensor | None = None) -> Tensor:
+        """Pool hidden states [B, T, H] over ``mask`` [B, T] (`craft.losses.pool_hidden_states`): [B, H]; packed
+        batches pool conversation ``s`` of row ``rows[s]`` over ``mask[s]`` ([S, T] -> [S, H])."""
+        return self.infonce.pool(hidden, mask, rows)
 
     def project(self, pooled: Tensor) -> Tensor:
         """The projection head on pooled states [B, H] (cast to the head's dtype): [B, D]."""

@@ -35,6 +35,7 @@ as `balancing/craft_weight_sft|contrastive` = alpha-weight x balancing weight). 
 
 from __future__ import annotations
 
+import copy
 import inspect
 import itertools
 import os
@@ -58,13 +59,14 @@ from craft.accumulator import (
 )
 from craft.config import CRAFTConfigMixin
 from craft.data import CRAFTCollator, CRAFTMixedDataLoader, build_loader
-from craft.encoding import (forward_hidden, hidden_state_capture, ids_and_mask, paired_sides, self_align_masks,
-                            stack_right_padded, with_default_labels)
+from craft.encoding import (forward_hidden, hidden_state_capture, ids_and_mask, packed_self_align_masks, paired_sides,
+                            self_align_masks, stack_right_padded, with_default_labels)
 from craft.engines import check_engine_support
 from craft.errors import UserError
 from craft.gradcache import contrastive_gradcache
 from craft.balancing_step import CONTRASTIVE_TASK, SFT_TASK, BalancedScaler
 from craft.hooks import last_hidden_state, text_config, unwrap_model
+from craft.packing import is_packed
 from craft.objective import OBJECTIVE_NAME, ContrastiveObjective, attach_objective, objective_tensors
 from craft.trainer_keys import CRAFTBatchKeysMixin, RenamedRows
 from craft.trainer_logging import CRAFTLoggingMixin, WindowLog
@@ -74,6 +76,8 @@ from craft.validation import (check_bundle_matches, check_craft_keywords, check_
 CRAFT_STATE_NAME = "craft_state.pt"
 # Keys a model forward accepts besides those in its signature.
 _LABEL_KEYS = ("labels", "shift_labels")
+# Packed-batch keys (TRL's padding-free collator, `craft.packing`) that reach attention through `**kwargs`.
+_PACKED_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx")
 
 
 class _MixedBatches(IterableDataset):
@@ -176,7 +180,10 @@ class CRAFTTrainerMixin(CRAFTLoggingMixin, CRAFTBatchKeysMixin):
         attach_objective(base, objective.to(self.args.device))
         self._craft_check_compat_keys()
         self._craft_step_losses: dict[int, float] = {}
-        self._craft_forward_names = set(inspect.signature(base.forward).parameters) | set(_LABEL_KEYS)
+        parameters = inspect.signature(base.forward).parameters
+        self._craft_forward_names = set(parameters) | set(_LABEL_KEYS)
+        if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+            self._craft_forward_names |= set(_PACKED_KEYS)
         self._craft_window: WindowLog | None = None
         self._craft_scaler: AccumulationScaler | None = None
         self.add_callback(_EpochSync(self))
@@ -222,20 +229,31 @@ class CRAFTTrainerMixin(CRAFTLoggingMixin, CRAFTBatchKeysMixin):
     def craft_self_align(self) -> bool:
         return self.craft_strategy == "self_align"
 
-    def _craft_collator(self):
-        if self._craft_user_collator is not None:
-            return self._craft_user_collator
-        tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
-        pad_id = getattr(tokenizer, "pad_token_id", None)
-        if pad_id is None:
-            pad_id = getattr(text_config(self.model), "pad_token_id", None) or 0
-        return CRAFTCollator(pad_token_id=pad_id, assistant_mask_key=self.args.craft_assistant_mask_key,
-                             add_labels=True)
+    def _craft_packs(self) -> bool:
+        """Whether the host packs SFT rows padding-free (TRL's `packing=True` / `padding_free=True`)."""
+        return bool(getattr(self, "padding_free", False))
+
+    def _craft_collator(self, packed: bool = False):
+        """The user's collator, or `CRAFTCollator`; a `CRAFTCollator` packs padding-free iff ``packed`` (the SFT
+        loader of a host that packs: the batches TRL itself would build)."""
+        collator = self._craft_user_collator
+        if collator is None:
+            tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
+            pad_id = getattr(tokenizer, "pad_token_id", None)
+            if pad_id is None:
+                pad_id = getattr(text_config(self.model), "pad_token_id", None) or 0
+            collator = CRAFTCollator(pad_token_id=pad_id, assistant_mask_key=self.args.craft_assistant_mask_key,
+                                     add_labels=True)
+        if isinstance(collator, CRAFTCollator) and collator.padding_free != packed:
+            collator = copy.copy(collator)
+            collator.padding_free = packed
+        return collator
 
     def _craft_build_loader(self, dataset, batch_size: int, contrastive: bool = False) -> DataLoader:
         args = self.args
         seed = args.data_seed if args.data_seed is not None else args.seed
-        collator = (self._craft_contrastive_collator if contrastive else None) or self._craft_collator()
+        packed = not contrastive and self._craft_packs()
+        collator = (self._craft_contrastive_collator if contrastive else None) or self._craft_collator(packed)
         if contrastive and self._craft_custom_keys:  # renamed before padding: the collator pads token columns
             collator = RenamedRows(collator, self._craft_custom_keys)
         return build_loader(dataset, batch_size, collator, shuffle=True, seed=seed,
@@ -339,11 +357,11 @@ class CRAFTTrainerMixin(CRAFTLoggingMixin, CRAFTBatchKeysMixin):
             self._craft_window.sft_nll_sum += float(token_sum.detach())
             loss = self._craft_scaler.micro_batch_loss(sft_token_sum=token_sum, sft_tokens=num_tokens)
             return loss + self._craft_unused_objective_zero()
-        anchor_mask, positive_mask = self._self_align_masks(inputs)
+        anchor_mask, positive_mask, rows = self._self_align_masks(inputs)
         with hidden_state_capture(model, self.args.craft_use_hidden_state_hook) as capture:
             token_sum = self._sft_token_sum(model, {**self._craft_model_inputs(inputs), **capture.forward_kwargs},
                                             num_tokens)
-        contrastive, _, _ = self._pooled_infonce(capture.hidden, anchor_mask, positive_mask)
+        contrastive, _, _ = self._pooled_infonce(capture.hidden, anchor_mask, positive_mask, rows)
         self._craft_window.sft_nll_sum += float(token_sum.detach())
         return self._craft_scaler.micro_batch_loss(sft_token_sum=token_sum, contrastive_loss=contrastive,
                                                    sft_tokens=num_tokens)
@@ -378,9 +396,9 @@ class CRAFTTrainerMixin(CRAFTLoggingMixin, CRAFTBatchKeysMixin):
         (only the last position's logits are computed). Self-align: one forward, prompt vs assistant pooling.
         """
         if self.craft_self_align:
-            anchor_mask, positive_mask = self._self_align_masks(batch)
+            anchor_mask, positive_mask, rows = self._self_align_masks(batch)
             hidden, zero = self._forward_hidden(model, batch["input_ids"], batch.get("attention_mask"))
-            loss, logits, anchors = self._pooled_infonce(hidden, anchor_mask, positive_mask)
+            loss, logits, anchors = self._pooled_infonce(hidden, anchor_mask, positive_mask, rows)
             return loss + zero, logits, anchors
         anchors, positives = paired_sides(batch)
         input_ids, attention_mask = stack_right_padded([anchors, positives])
@@ -399,7 +417,10 @@ class CRAFTTrainerMixin(CRAFTLoggingMixin, CRAFTBatchKeysMixin):
         the engine, is the last chunk's (and, with uncertainty balancing, adds the ``w_con · s_con`` term).
         """
         if self.craft_self_align:
-            anchor_mask, positive_mask = self._self_align_masks(batch)
+            anchor_mask, positive_mask, rows = self._self_align_masks(batch)
+            if rows is not None:
+                raise UserError("craft_use_gradcache does not take packed (padding-free) contrastive batches; give "
+                                "the contrastive loader a padded collator (CRAFTCollator(padding_free=False))")
             ids, mask = ids_and_mask(batch, "")
             anchors, positives = (ids, mask, anchor_mask), (ids, mask, positive_mask)
         else:
@@ -434,14 +455,19 @@ class CRAFTTrainerMixin(CRAFTLoggingMixin, CRAFTBatchKeysMixin):
         return 0.0
 
     def _self_align_masks(self, batch):
-        return self_align_masks(batch, self.args.craft_assistant_mask_key, self.args.craft_assistant_mask_strategy)
+        """(anchor mask, positive mask, rows): [B, T] masks and rows None, or for a packed batch one [S, T] mask
+        pair per conversation and the row each lies in (`craft.encoding.packed_self_align_masks`)."""
+        args = self.args
+        if is_packed(batch):
+            return packed_self_align_masks(batch, args.craft_assistant_mask_key, args.craft_assistant_mask_strategy)
+        return (*self_align_masks(batch, args.craft_assistant_mask_key, args.craft_assistant_mask_strategy), None)
 
     # contrastive-ft 0.4.3's name for `craft.hooks.last_hidden_state`.
     _extract_last_hidden_state = staticmethod(last_hidden_state)
 
-    def _pooled_infonce(self, hidden, anchor_mask, positive_mask):
+    def _pooled_infonce(self, hidden, anchor_mask, positive_mask, rows=None):
         objective = self.craft_objective
-        return self._score(objective.pool(hidden, anchor_mask), objective.pool(hidden, positive_mask))
+        return self._score(objective.pool(hidden, anchor_mask, rows), objective.pool(hidden, positive_mask, rows))
 
     def _score(self, pooled_anchors, pooled_positives):
         """The objective on pooled states, recorded for logging: (loss, logits, projected anchors)."""
@@ -557,9 +583,18 @@ class CRAFTSFTTrainer(CRAFTTrainerMixin, _sft_trainer_class()):
 
     def __init__(self, model, args=None, train_dataset=None, craft_bundle=None, data_collator=None,
                  craft_sft_loader=None, craft_contrastive_loader=None, **kwargs):
+        packs = bool(getattr(args, "padding_free", False) or (
+            getattr(args, "packing", False) and getattr(args, "packing_strategy", None) in ("bfd", "bfd_split")))
+        packing_collator = None
+        if packs and isinstance(data_collator, CRAFTCollator):
+            # TRL refuses a custom collator when it packs padding-free; the CRAFT loaders apply this one
+            # (padding-free for SFT rows, padded for contrastive pairs).
+            packing_collator, data_collator = data_collator, None
         super().__init__(model=model, args=args, train_dataset=train_dataset, data_collator=data_collator,
                          craft_bundle=craft_bundle, craft_sft_loader=craft_sft_loader,
                          craft_contrastive_loader=craft_contrastive_loader, **kwargs)
+        if packing_collator is not None:
+            self._craft_user_collator = packing_collator
 
 
 _TRL_WRAPPERS = ("CRAFTDPOTrainer", "CRAFTGRPOTrainer", "CRAFTKTOTrainer", "CRAFTRLOOTrainer", "CRAFTORPOTrainer",
