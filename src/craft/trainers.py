@@ -357,7 +357,7 @@ class CRAFTTrainerMixin(CRAFTLoggingMixin, CRAFTBatchKeysMixin):
             self._craft_window.sft_nll_sum += float(token_sum.detach())
             loss = self._craft_scaler.micro_batch_loss(sft_token_sum=token_sum, sft_tokens=num_tokens)
             return loss + self._craft_unused_objective_zero()
-        anchor_mask, positive_mask, rows = self._self_align_masks(inputs)
+        anchor_mask, positive_mask, rows = self._craft_self_align_masks(inputs)
         with hidden_state_capture(model, self.args.craft_use_hidden_state_hook) as capture:
             token_sum = self._sft_token_sum(model, {**self._craft_model_inputs(inputs), **capture.forward_kwargs},
                                             num_tokens)
@@ -396,7 +396,7 @@ class CRAFTTrainerMixin(CRAFTLoggingMixin, CRAFTBatchKeysMixin):
         (only the last position's logits are computed). Self-align: one forward, prompt vs assistant pooling.
         """
         if self.craft_self_align:
-            anchor_mask, positive_mask, rows = self._self_align_masks(batch)
+            anchor_mask, positive_mask, rows = self._craft_self_align_masks(batch)
             hidden, zero = self._forward_hidden(model, batch["input_ids"], batch.get("attention_mask"))
             loss, logits, anchors = self._pooled_infonce(hidden, anchor_mask, positive_mask, rows)
             return loss + zero, logits, anchors
@@ -417,7 +417,7 @@ class CRAFTTrainerMixin(CRAFTLoggingMixin, CRAFTBatchKeysMixin):
         the engine, is the last chunk's (and, with uncertainty balancing, adds the ``w_con · s_con`` term).
         """
         if self.craft_self_align:
-            anchor_mask, positive_mask, rows = self._self_align_masks(batch)
+            anchor_mask, positive_mask, rows = self._craft_self_align_masks(batch)
             if rows is not None:
                 raise UserError("craft_use_gradcache does not take packed (padding-free) contrastive batches; give "
                                 "the contrastive loader a padded collator (CRAFTCollator(padding_free=False))")
@@ -455,12 +455,16 @@ class CRAFTTrainerMixin(CRAFTLoggingMixin, CRAFTBatchKeysMixin):
         return 0.0
 
     def _self_align_masks(self, batch):
-        """(anchor mask, positive mask, rows): [B, T] masks and rows None, or for a packed batch one [S, T] mask
-        pair per conversation and the row each lies in (`craft.encoding.packed_self_align_masks`)."""
+        """(anchor mask, positive mask) [B, T] of a padded self-align batch (contrastive-ft 0.4.3's name)."""
+        return self_align_masks(batch, self.args.craft_assistant_mask_key, self.args.craft_assistant_mask_strategy)
+
+    def _craft_self_align_masks(self, batch):
+        """(anchor mask, positive mask, rows): `_self_align_masks` and rows None, or for a packed batch one [S, T]
+        mask pair per conversation and the row each lies in (`craft.encoding.packed_self_align_masks`)."""
         args = self.args
         if is_packed(batch):
             return packed_self_align_masks(batch, args.craft_assistant_mask_key, args.craft_assistant_mask_strategy)
-        return (*self_align_masks(batch, args.craft_assistant_mask_key, args.craft_assistant_mask_strategy), None)
+        return (*self._self_align_masks(batch), None)
 
     # contrastive-ft 0.4.3's name for `craft.hooks.last_hidden_state`.
     _extract_last_hidden_state = staticmethod(last_hidden_state)
