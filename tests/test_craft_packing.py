@@ -115,3 +115,14 @@ def test_packed_training_runs_for_both_strategies(tmp_path):
         logged = [h for h in trainer.state.log_history if "loss/craft_contrast" in h]
         assert logged and all(0 < h["loss/craft_sft"] < 10 for h in logged)
 
+
+
+def test_gradcache_refuses_packed_self_align_batches():
+    """GradCache re-forwards chunks of rows; a packed row holds several conversations, so it is refused by name."""
+    from craft.errors import UserError
+
+    trainer = _trainer(strategy="self_align", craft_use_gradcache=True, **PACKING)
+    batch = trainer._craft_collator(packed=True)([trainer.train_dataset[i] for i in range(2)])
+    trainer.model.train()
+    with pytest.raises(UserError, match="craft_use_gradcache does not take packed"):
+        trainer._craft_gradcache_loss(trainer.model, batch)
