@@ -6,7 +6,7 @@
     J = craft_alpha * L_sft + (1 - craft_alpha) * L_con
 
 (`craft.accumulator` has the definition and the per-micro-batch weights). The train loader is a
-`craft.data.CRAFTMixedDataLoader`; each micro-batch is tagged "sft" or "craft" (contrastive; "contrastive" is
+`craft.loader.CRAFTMixedDataLoader` (built by `craft.trainer_loaders`); each micro-batch is tagged "sft" or "craft" (contrastive; "contrastive" is
 accepted too):
 
 * SFT micro-batch: the host trainer's own causal-LM loss, as a token sum, weighted by alpha * W / N_sft.
@@ -15,7 +15,8 @@ accepted too):
   span (`labels != -100` or the assistant-mask column) for the positive.
 * Contrastive micro-batch (paired strategy): anchors (`input_ids`, `attention_mask`) and positives
   (`input_ids_tgt`, `attention_mask_tgt`) run through the (accelerate-wrapped) model in one forward, are pooled,
-  projected by the trainer's `ProjectionHead` (hidden_size -> craft_projection_dim) and scored by InfoNCE.
+  projected by the trainer's `ProjectionHead` (hidden_size -> craft_projection_dim) and scored by InfoNCE
+  (`craft.trainer_contrastive`).
 
 The contrastive objective — pooling, projection head, temperature, InfoNCE, negative queue, balancing state — is
 one module, `trainer.craft_objective` (`craft.objective.ContrastiveObjective`), attached to the model as its
@@ -35,7 +36,6 @@ as `balancing/craft_weight_sft|contrastive` = alpha-weight x balancing weight). 
 
 from __future__ import annotations
 
-import copy
 import inspect
 import itertools
 import os
@@ -43,8 +43,6 @@ from collections import defaultdict
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, IterableDataset
-from transformers import TrainerCallback
 
 from craft.accumulator import (
     BATCH_TYPE_KEY,
@@ -58,17 +56,17 @@ from craft.accumulator import (
     tag_kind,
 )
 from craft.config import CRAFTConfigMixin
-from craft.data import CRAFTCollator, CRAFTMixedDataLoader, build_loader
-from craft.encoding import (forward_hidden, hidden_state_capture, ids_and_mask, packed_self_align_masks, paired_sides,
-                            self_align_masks, stack_right_padded, with_default_labels)
+from craft.collator import CRAFTCollator
+from craft.encoding import hidden_state_capture, with_default_labels
 from craft.engines import check_engine_support
 from craft.errors import UserError
-from craft.gradcache import contrastive_gradcache
 from craft.balancing_step import CONTRASTIVE_TASK, SFT_TASK, BalancedScaler
-from craft.hooks import last_hidden_state, text_config, unwrap_model
-from craft.packing import is_packed
+from craft.hooks import text_config, unwrap_model
 from craft.objective import OBJECTIVE_NAME, ContrastiveObjective, attach_objective, objective_tensors
-from craft.trainer_keys import CRAFTBatchKeysMixin, RenamedRows
+from craft.loader import CRAFTMixedDataLoader
+from craft.trainer_contrastive import CRAFTContrastiveMixin
+from craft.trainer_keys import CRAFTBatchKeysMixin
+from craft.trainer_loaders import CRAFTLoadersMixin, EpochSync
 from craft.trainer_logging import CRAFTLoggingMixin, WindowLog
 from craft.validation import (check_bundle_matches, check_craft_keywords, check_prepared_dataset, check_train_dataset,
                               warn_no_op_settings)
@@ -80,47 +78,7 @@ _LABEL_KEYS = ("labels", "shift_labels")
 _PACKED_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx")
 
 
-class _MixedBatches(IterableDataset):
-    """The mixed loader as an iterable dataset, so the Trainer's `len()`, resume skipping and epochs work."""
-
-    def __init__(self, mixed: CRAFTMixedDataLoader):
-        self.mixed = mixed
-
-    def __iter__(self):
-        return iter(self.mixed)
-
-    def __len__(self):
-        return len(self.mixed)
-
-
-class _MixedBatchLoader(DataLoader):
-    """The Trainer's train loader: yields the mixed loader's micro-batches as they are; `set_epoch` reaches
-    the per-rank samplers (a fresh shard order each epoch)."""
-
-    def __init__(self, mixed: CRAFTMixedDataLoader):
-        # Its own generator: iter() must not draw from the global RNG (resumed dropout randomness would shift).
-        super().__init__(_MixedBatches(mixed), batch_size=None, generator=torch.Generator())
-
-    def set_epoch(self, epoch: int) -> None:
-        self.dataset.mixed.set_epoch(epoch)
-
-
-class _EpochSync(TrainerCallback):
-    """Tells the mixed loader its epoch at every epoch start. The Trainer's own `set_epoch` does not reach it in
-    the epoch a run resumes inside (accelerate's batch-skipping wrapper drops the call), and a resumed epoch must be
-    shuffled as the interrupted one was. Epoch = global_step // optimizer steps per epoch, the Trainer's rule."""
-
-    def __init__(self, trainer: "CRAFTTrainerMixin"):
-        self.trainer = trainer
-
-    def on_epoch_begin(self, args, state, control, **kwargs):
-        mixed = self.trainer.craft_mixed_loader
-        if mixed is not None:
-            steps_per_epoch = max(-(-len(mixed) // args.gradient_accumulation_steps), 1)
-            mixed.set_epoch(state.global_step // steps_per_epoch)
-
-
-class CRAFTTrainerMixin(CRAFTLoggingMixin, CRAFTBatchKeysMixin):
+class CRAFTTrainerMixin(CRAFTLoggingMixin, CRAFTBatchKeysMixin, CRAFTLoadersMixin, CRAFTContrastiveMixin):
     """CRAFT for a `transformers.Trainer` subclass: `class MyTrainer(CRAFTTrainerMixin, Trainer)`.
 
     Extra keyword arguments:
@@ -186,7 +144,7 @@ class CRAFTTrainerMixin(CRAFTLoggingMixin, CRAFTBatchKeysMixin):
             self._craft_forward_names |= set(_PACKED_KEYS)
         self._craft_window: WindowLog | None = None
         self._craft_scaler: AccumulationScaler | None = None
-        self.add_callback(_EpochSync(self))
+        self.add_callback(EpochSync(self))
         self._craft_logs: dict[str, list[float]] = defaultdict(list)
         self._craft_warn_no_ops(base)
 
@@ -228,64 +186,6 @@ class CRAFTTrainerMixin(CRAFTLoggingMixin, CRAFTBatchKeysMixin):
     @property
     def craft_self_align(self) -> bool:
         return self.craft_strategy == "self_align"
-
-    def _craft_packs(self) -> bool:
-        """Whether the host packs SFT rows padding-free (TRL's `packing=True` / `padding_free=True`)."""
-        return bool(getattr(self, "padding_free", False))
-
-    def _craft_collator(self, packed: bool = False):
-        """The user's collator, or `CRAFTCollator`; a `CRAFTCollator` packs padding-free iff ``packed`` (the SFT
-        loader of a host that packs: the batches TRL itself would build)."""
-        collator = self._craft_user_collator
-        if collator is None:
-            tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
-            pad_id = getattr(tokenizer, "pad_token_id", None)
-            if pad_id is None:
-                pad_id = getattr(text_config(self.model), "pad_token_id", None) or 0
-            collator = CRAFTCollator(pad_token_id=pad_id, assistant_mask_key=self.args.craft_assistant_mask_key,
-                                     add_labels=True)
-        if isinstance(collator, CRAFTCollator) and collator.padding_free != packed:
-            collator = copy.copy(collator)
-            collator.padding_free = packed
-        return collator
-
-    def _craft_build_loader(self, dataset, batch_size: int, contrastive: bool = False) -> DataLoader:
-        args = self.args
-        seed = args.data_seed if args.data_seed is not None else args.seed
-        packed = not contrastive and self._craft_packs()
-        collator = (self._craft_contrastive_collator if contrastive else None) or self._craft_collator(packed)
-        if contrastive and self._craft_custom_keys:  # renamed before padding: the collator pads token columns
-            collator = RenamedRows(collator, self._craft_custom_keys)
-        return build_loader(dataset, batch_size, collator, shuffle=True, seed=seed,
-                            drop_last=args.dataloader_drop_last, num_replicas=args.world_size,
-                            rank=args.process_index)
-
-    def build_craft_mixed_loader(self) -> CRAFTMixedDataLoader:
-        """The mixed SFT / contrastive micro-batch loader of one epoch (custom loaders take precedence).
-
-        Self-align without a separate contrastive dataset or loader yields SFT micro-batches only (beta = 1):
-        every one of them gives both losses from its single forward.
-        """
-        args = self.args
-        if self._craft_loader_factory is not None:
-            self._craft_sft_loader, self._craft_contrastive_loader = self._craft_factory_loaders()
-        sft_loader = self._craft_sft_loader or self._craft_build_loader(self.train_dataset,
-                                                                         args.per_device_train_batch_size)
-        bundle = self.craft_bundle
-        if (self.craft_self_align and self._craft_contrastive_loader is None
-                and bundle.contrastive_dataset is bundle.sft_dataset):
-            return CRAFTMixedDataLoader(sft_loader, None, beta=1.0,
-                                        gradient_accumulation_steps=args.gradient_accumulation_steps)
-        contrastive_loader = self._craft_contrastive_loader or self._craft_build_loader(
-            bundle.contrastive_dataset, args.craft_contrastive_batch_size or args.per_device_train_batch_size,
-            contrastive=True)
-        return CRAFTMixedDataLoader(sft_loader, contrastive_loader, beta=args.craft_beta,
-                                    gradient_accumulation_steps=args.gradient_accumulation_steps,
-                                    length_strategy=args.craft_length_strategy, beta_mode=args.craft_beta_mode)
-
-    def get_train_dataloader(self) -> DataLoader:
-        self.craft_mixed_loader = self.build_craft_mixed_loader()
-        return _MixedBatchLoader(self.craft_mixed_loader)
 
     # ------------------------------------------------------------------------------- accumulation window
 
@@ -381,103 +281,6 @@ class CRAFTTrainerMixin(CRAFTLoggingMixin, CRAFTBatchKeysMixin):
         if self.args.average_tokens_across_devices:
             loss = loss / (self.accelerator.num_processes // self.get_tp_size())
         return loss
-
-    def _craft_contrastive_micro_batch_loss(self, model, batch) -> torch.Tensor:
-        """The weighted InfoNCE of one contrastive micro-batch, through GradCache when `craft_use_gradcache`."""
-        if self.args.craft_use_gradcache:
-            return self._craft_gradcache_loss(model, batch)
-        loss, _, _ = self._contrastive_loss(model, batch)
-        return self._craft_scaler.micro_batch_loss(contrastive_loss=loss)
-
-    def _contrastive_loss(self, model, batch):
-        """InfoNCE of one contrastive micro-batch: (loss, logits [B, C], anchor embeddings [B, D]).
-
-        Paired: anchors and positives are right-padded to one length and run through `model` in one forward
-        (only the last position's logits are computed). Self-align: one forward, prompt vs assistant pooling.
-        """
-        if self.craft_self_align:
-            anchor_mask, positive_mask, rows = self._craft_self_align_masks(batch)
-            hidden, zero = self._forward_hidden(model, batch["input_ids"], batch.get("attention_mask"))
-            loss, logits, anchors = self._pooled_infonce(hidden, anchor_mask, positive_mask, rows)
-            return loss + zero, logits, anchors
-        anchors, positives = paired_sides(batch)
-        input_ids, attention_mask = stack_right_padded([anchors, positives])
-        hidden, zero = self._forward_hidden(model, input_ids, attention_mask)
-        size = anchors[0].shape[0]
-        pooled = self.craft_objective.pool(hidden, attention_mask)
-        loss, logits, anchor_embeddings = self._score(pooled[:size], pooled[size:])
-        return loss + zero, logits, anchor_embeddings
-
-    def _craft_gradcache_loss(self, model, batch) -> torch.Tensor:
-        """A contrastive micro-batch through `craft.gradcache.contrastive_gradcache`; the tensor the Trainer
-        backpropagates.
-
-        GradCache backpropagates ``w_con · λ_con · InfoNCE`` through every chunk but the last one itself (without
-        synchronisation). The returned tensor has that weighted value; its backward, run by the Trainer through
-        the engine, is the last chunk's (and, with uncertainty balancing, adds the ``w_con · s_con`` term).
-        """
-        if self.craft_self_align:
-            anchor_mask, positive_mask, rows = self._craft_self_align_masks(batch)
-            if rows is not None:
-                raise UserError("craft_use_gradcache does not take packed (padding-free) contrastive batches; give "
-                                "the contrastive loader a padded collator (CRAFTCollator(padding_free=False))")
-            ids, mask = ids_and_mask(batch, "")
-            anchors, positives = (ids, mask, anchor_mask), (ids, mask, positive_mask)
-        else:
-            (ids_a, mask_a), (ids_p, mask_p) = paired_sides(batch)
-            anchors, positives = (ids_a, mask_a, mask_a), (ids_p, mask_p, mask_p)
-        scaler = self._craft_scaler
-        weight = scaler.contrastive_weight()
-        (loss, logits, anchor_embeddings), pending = contrastive_gradcache(
-            lambda i, m: self._forward_hidden(model, i, m), self.craft_objective, anchors, positives,
-            self.args.craft_gradcache_chunk_size, weight, no_sync=lambda: self.accelerator.no_sync(model),
-            defer_last=True)
-        self._craft_record_contrastive(loss, logits, anchor_embeddings)
-        # The Trainer's backward of the returned tensor is the last chunk's (the engine's synchronising one);
-        # its value is the weighted InfoNCE, for the logs.
-        value = (weight * loss).detach().float() + (pending - pending.detach())
-        regularizer = scaler.contrastive_regularizer()
-        if regularizer is None:
-            return value
-        return regularizer + (value - regularizer.detach())
-
-    def _forward_hidden(self, model, input_ids, attention_mask):
-        """(last hidden state [B, T, H], a zero tied to the logits and the unused objective parameters)."""
-        hidden, zero = forward_hidden(model, input_ids, attention_mask, self.args.craft_use_hidden_state_hook)
-        return hidden, zero + self._craft_unused_objective_zero()
-
-    def _craft_unused_objective_zero(self) -> torch.Tensor | float:
-        """Under DDP, a zero touching the objective's parameters, so that a synchronised backward that does not
-        use them (an SFT micro-batch, a GradCache chunk) still all-reduces their gradients. DeepSpeed and FSDP
-        reduce whatever gradients exist (and ZeRO-3 holds only a shard of each parameter outside a forward)."""
-        if self.accelerator.num_processes > 1 and not (self.is_deepspeed_enabled or self.is_fsdp_enabled):
-            return self.craft_objective.zero_touch()
-        return 0.0
-
-    def _self_align_masks(self, batch):
-        """(anchor mask, positive mask) [B, T] of a padded self-align batch (contrastive-ft 0.4.3's name)."""
-        return self_align_masks(batch, self.args.craft_assistant_mask_key, self.args.craft_assistant_mask_strategy)
-
-    def _craft_self_align_masks(self, batch):
-        """(anchor mask, positive mask, rows): `_self_align_masks` and rows None, or for a packed batch one [S, T]
-        mask pair per conversation and the row each lies in (`craft.encoding.packed_self_align_masks`)."""
-        args = self.args
-        if is_packed(batch):
-            return packed_self_align_masks(batch, args.craft_assistant_mask_key, args.craft_assistant_mask_strategy)
-        return (*self._self_align_masks(batch), None)
-
-    # contrastive-ft 0.4.3's name for `craft.hooks.last_hidden_state`.
-    _extract_last_hidden_state = staticmethod(last_hidden_state)
-
-    def _pooled_infonce(self, hidden, anchor_mask, positive_mask, rows=None):
-        objective = self.craft_objective
-        return self._score(objective.pool(hidden, anchor_mask, rows), objective.pool(hidden, positive_mask, rows))
-
-    def _score(self, pooled_anchors, pooled_positives):
-        """The objective on pooled states, recorded for logging: (loss, logits, projected anchors)."""
-        loss, logits, anchors = self.craft_objective(pooled_anchors, pooled_positives)
-        self._craft_record_contrastive(loss, logits, anchors)
-        return loss, logits, anchors
 
     # ------------------------------------------------------------------------------ optimizer and state
 

@@ -34,6 +34,7 @@ from craft.balancing_step import CONTRASTIVE_TASK, SFT_TASK
 from craft.preference_rows import PreTokenisedPreferenceRows
 from craft.trainer_logging import WindowLog
 from craft.trainer_keys import RenamedRows
+from craft.trainer_loaders import CRAFTLoadersMixin
 from craft.trainers import CRAFTTrainerMixin
 
 
@@ -55,7 +56,9 @@ class CRAFTAuxiliaryContrastiveMixin(CRAFTTrainerMixin):
     # ------------------------------------------------------------------------------------------ data
 
     def get_train_dataloader(self):
-        return super(CRAFTTrainerMixin, self).get_train_dataloader()
+        # The host's own loader (preference pairs, prompts), not the CRAFT mixed loader: contrastive micro-batches
+        # are drawn beside it (`_craft_next_contrastive_batch`).
+        return super(CRAFTLoadersMixin, self).get_train_dataloader()
 
     def _craft_contrastive_batches(self) -> ContrastiveStream:
         """The contrastive stream (`craft.data.ContrastiveStream`: pass p shuffled as (seed, p), its position
