@@ -17,6 +17,7 @@ import sys
 import torch
 from datasets import Dataset
 from torch.utils.data import DataLoader
+from transformers import TrainerCallback
 
 sys.path.insert(0, os.path.dirname(__file__))
 from craft_scale_helpers import COLLATE, chat_rows, pair_rows  # noqa: E402
@@ -27,6 +28,7 @@ from craft.testing import make_tokenizer, tiny_model  # noqa: E402
 from craft.trainers import CRAFTSFTTrainer  # noqa: E402
 
 STEPS = 5
+RESUME_STEPS, SAVE_STEP = 4, 2
 RANK_BATCH = 2
 WORLD = 2
 CASES = {
@@ -48,6 +50,9 @@ ENGINES = {
                                                     "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
                                                     "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]}},
 }
+
+
+RESUMED_ENGINES = ("ddp", "zero2", "zero3")
 
 
 def _model(lora: bool):
@@ -108,6 +113,56 @@ def _full_parameters(trainer) -> dict[str, torch.Tensor]:
     return values
 
 
+class _QueueAt(TrainerCallback):
+    """Records the objective's queue (oldest first) when training starts (after a resume restored it) and after
+    every optimizer step, and saves a checkpoint after step SAVE_STEP."""
+
+    def __init__(self, trainer):
+        self.trainer, self.queues = trainer, {}
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._record(state.global_step)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self._record(state.global_step)
+        control.should_save = state.global_step == SAVE_STEP
+
+    def _record(self, step: int) -> None:
+        queue = self.trainer.craft_queue.ordered()
+        self.queues[step] = torch.zeros(0) if queue is None else queue.cpu().clone()
+
+
+def resume(engine: str, out: str) -> dict:
+    """Paired + MoCo queue + loss_scale balancing for RESUME_STEPS steps, checkpointed at SAVE_STEP, then a fresh
+    trainer resumed from that checkpoint: {"full"|"resumed": {"queues": {step: queue}, "losses": {step: loss}}}.
+    The data comes from the trainer's own loaders (seeded, sharded per rank), so the resumed run reads what the
+    uninterrupted one read."""
+    sft, pairs = Dataset.from_list(chat_rows(16, seed=1)), Dataset.from_list(pair_rows(16, seed=2))
+    results = {}
+    for run in ("full", "resumed"):
+        model = _model(False)
+        args = CRAFTSFTConfig(output_dir=os.path.join(out, engine, "resume", run), per_device_train_batch_size=2,
+                              gradient_accumulation_steps=2, max_steps=RESUME_STEPS, optim="sgd", learning_rate=0.05,
+                              max_grad_norm=0.0, lr_scheduler_type="constant", use_cpu=True, report_to=[], bf16=False,
+                              logging_steps=1, save_strategy="steps", save_steps=10 ** 6, seed=0, disable_tqdm=True,
+                              craft_projection_dim=16, craft_temperature=0.1, craft_learnable_temperature=True,
+                              craft_beta=0.5, craft_negative_strategy="queue", craft_negative_queue_size=6,
+                              craft_gradient_balancing="loss_scale", ddp_backend="gloo", **ENGINES[engine])
+        trainer = CRAFTSFTTrainer(model=model, args=args, train_dataset=sft, processing_class=make_tokenizer(),
+                                  craft_bundle=make_craft_datasets(sft, contrastive_dataset=pairs),
+                                  data_collator=COLLATE)
+        record = _QueueAt(trainer)
+        trainer.add_callback(record)
+        checkpoint = os.path.join(out, engine, "resume", "full", f"checkpoint-{SAVE_STEP}")
+        trainer.train(resume_from_checkpoint=checkpoint if run == "resumed" else None)
+        losses = {h["step"]: h["loss"] for h in trainer.state.log_history if "loss" in h}
+        results[run] = {"queues": record.queues, "losses": losses,
+                        "balancing": trainer.craft_balancing.state_dict()["balancer"]}
+        del trainer
+        _reset_accelerate()
+    return results
+
+
 def _reset_accelerate() -> None:
     """Let the next trainer of this process build its own Accelerator (another engine)."""
     from accelerate.state import AcceleratorState, GradientState
@@ -143,6 +198,12 @@ def main() -> None:
                     torch.save(params, os.path.join(out, f"{engine}-{case}.pt"))
                 del trainer
             _reset_accelerate()
+        if engine in RESUMED_ENGINES:
+            resumed = resume(engine, out)
+            gathered = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, resumed)
+            if dist.get_rank() == 0:
+                torch.save(gathered, os.path.join(out, f"resume-{engine}.pt"))
     if dist.get_rank() == 0:
         torch.save(refused, os.path.join(out, "refused.pt"))
     dist.barrier()

@@ -1,4 +1,5 @@
-"""CRAFT under DDP, DeepSpeed ZeRO-2 / ZeRO-3 on 2 CPU processes equals one process on the global batch.
+"""CRAFT under DDP, DeepSpeed ZeRO-2 / ZeRO-3 on 2 CPU processes equals one process on the global batch, and a
+resumed run continues the uninterrupted one (queue, balancing state, losses).
 
 One `torchrun` launch (tests/distributed_engines_worker.py) trains every case — paired, self-align and GradCache,
 each with full fine-tuning and with LoRA — on every engine for 5 SGD steps, gathering sharded parameters at the
@@ -20,12 +21,10 @@ import torch
 WORKER = Path(__file__).with_name("distributed_engines_worker.py")
 sys.path.insert(0, str(WORKER.parent))
 from craft_scale_helpers import MULTIPROCESS_ENV, run_two_processes  # noqa: E402
-from distributed_engines_worker import CASES, ENGINES  # noqa: E402
+from distributed_engines_worker import CASES, ENGINES, RESUME_STEPS, RESUMED_ENGINES, SAVE_STEP  # noqa: E402
 
-# ZeRO-3 with the paired strategy is refused (craft.engines); so is FSDP on CPU, which accelerate would silently
-# run as DDP (it enables FSDP on accelerators only).
-REFUSED = {("zero3", case): "ZeRO-3" for case in CASES if not case.startswith("self_align")}
-REFUSED.update({("fsdp2", case): "accelerate did not enable FSDP" for case in CASES})
+# FSDP on CPU is refused: accelerate would silently run it as DDP (it enables FSDP on accelerators only).
+REFUSED = {("fsdp2", case): "accelerate did not enable FSDP" for case in CASES}
 
 
 @pytest.fixture(scope="module")
@@ -55,3 +54,25 @@ def test_two_ranks_equal_one_process_on_the_global_batch(runs, engine, case):
     for name, expected in reference.items():
         assert (result[name] - expected).abs().max() < 1e-5, name
     assert not torch.allclose(reference[temperature], torch.tensor([0.1]).log())  # tau = 0.1 at the start: trained
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", RESUMED_ENGINES)
+def test_resume_restores_the_queue_and_continues_identically(runs, engine):
+    """Queue and balancing state come back on resume (DeepSpeed skips the Trainer's _load_from_checkpoint): the
+    queue a resumed run starts from is the uninterrupted run's at the checkpoint, the same on both ranks, and the
+    losses and queues of the following steps are the uninterrupted run's."""
+    ranks = torch.load(runs / f"resume-{engine}.pt", weights_only=False)
+    for rank in ranks:
+        full, resumed = rank["full"], rank["resumed"]
+        assert len(full["queues"][SAVE_STEP]) == 6  # full: two contrastive batches of 2 ranks x 2 positives
+        assert set(resumed["queues"]) == set(range(SAVE_STEP, RESUME_STEPS + 1))
+        for step, queue in resumed["queues"].items():
+            torch.testing.assert_close(queue, full["queues"][step], rtol=1e-5, atol=1e-6, msg=f"step {step}")
+        after = {step: loss for step, loss in resumed["losses"].items() if step > SAVE_STEP}
+        assert set(after) == set(range(SAVE_STEP + 1, RESUME_STEPS + 1))
+        for step, loss in after.items():
+            assert loss == pytest.approx(full["losses"][step], rel=1e-5), step
+        torch.testing.assert_close(resumed["balancing"], full["balancing"])  # loss_scale's running means
+    for step in range(SAVE_STEP, RESUME_STEPS + 1):
+        torch.testing.assert_close(ranks[0]["resumed"]["queues"][step], ranks[1]["resumed"]["queues"][step])

@@ -8,6 +8,23 @@ parameters; every forward goes through the engine's model. What differs is where
   partitions the parameters outside a forward. FSDP2 (``fully_shard``): gradients are reduce-scattered into
   sharded DTensors.
 
+Every backward gives the objective's parameters a gradient, zero where a micro-batch does not use them
+(`objective_zero`), on the engines that need one:
+
+* DDP all-reduces every parameter's gradient in each synchronised backward and waits for all of them;
+* DeepSpeed ZeRO-3 accumulates a window's gradients into per-parameter partition buffers that the window's first
+  micro-batch *overwrites* (``micro_step_id == 0``: copy) and later ones add to. A parameter without a gradient in
+  the first micro-batch (the objective, when the window starts with an SFT micro-batch of the paired strategy, or
+  with a GradCache micro-batch's no-grad pass) keeps the previous step's gradient in its buffer, and the step uses
+  ``g_prev + g_now``: the temperature moved twice as far as it should from step 2 on (measured). A zero gradient
+  in every micro-batch overwrites the buffer. Outside a forward ZeRO-3 holds only a shard of each parameter, so the
+  zero is a call of the objective module (`ContrastiveObjective.zero_touch`), and the objective is a ZeRO-3 "leaf"
+  module (`prepare_objective`): its forward hooks gather all its parameters (head, temperature, balancing) at
+  once, and the hooks on its outputs gather them again for their backward.
+
+ZeRO-1/2 and FSDP2 keep no such buffer per parameter across micro-batches (gradients accumulate into reduced
+shards or ``.grad``), so nothing is added there.
+
 Combinations that cannot work raise a `UserError` when the trainer is built, naming the engine and the reason:
 
 * ``craft_gradient_balancing`` "gradnorm" / "pcgrad" need each task's full gradient in ``.grad`` between
@@ -17,13 +34,11 @@ Combinations that cannot work raise a `UserError` when the trainer is built, nam
 * GradCache under DeepSpeed fp16: its chunk backward passes run outside the engine's loss scaler.
 * FSDP requested on a CPU run: accelerate enables FSDP only on GPUs and other accelerators and otherwise trains
   plain DDP without a word; CRAFT says so instead.
-* DeepSpeed ZeRO-3 with the paired strategy: measured against one process on the global batch
-  (tests/test_distributed_engines.py), the objective's parameters get a wrong gradient from the second optimizer
-  step on (a contrastive micro-batch after an SFT micro-batch that did not use them), while the model's stay
-  exact; self-align (the objective in every micro-batch) is exact. Until that is understood it is refused.
 """
 
 from __future__ import annotations
+
+import torch
 
 from craft.errors import UserError
 from craft.gradient_balancing import PER_TASK_GRADIENT_STRATEGIES
@@ -55,10 +70,50 @@ def check_engine_support(trainer) -> None:
     if engine == "fsdp1":
         raise UserError("FSDP version 1 cannot run CRAFT: its FlatParameters exist only inside the wrapped forward, "
                         "and the contrastive objective runs outside it; set fsdp_version: 2 (FSDP2, fully_shard)")
-    if engine == "deepspeed-zero3" and trainer.craft_strategy != "self_align":
-        raise UserError("DeepSpeed ZeRO-3 with the paired strategy is refused: the contrastive objective's gradient "
-                        "differs from the single-process one from the second step on (measured); use ZeRO-2 or "
-                        "FSDP2 (fsdp_version: 2), or strategy='self_align'")
     if engine.startswith("deepspeed") and args.craft_use_gradcache and args.fp16:
         raise UserError(f"craft_use_gradcache cannot run on {engine} with fp16: GradCache's chunk backward passes "
                         "run outside DeepSpeed's loss scaler; use bf16 or fp32")
+
+
+def prepare_objective(engine: str, objective) -> None:
+    """Before the engine wraps the model: on ZeRO-3 the objective is one leaf module (module docstring), so every
+    call of it gathers all its parameters, which its submodules use outside their own forward."""
+    if engine == "deepspeed-zero3":
+        from deepspeed.utils import set_z3_leaf_module
+
+        set_z3_leaf_module(objective, True)
+
+
+def objective_zero(engine: str, objective, gradcache_chunk: bool = False) -> torch.Tensor | float:
+    """A zero whose backward gives each of the objective's parameters a zero gradient, for a backward that does not
+    use the objective (``gradcache_chunk``: a GradCache chunk's; else an SFT micro-batch's), on the engines that need
+    one (module docstring); 0.0 elsewhere.
+
+    DDP needs it in every such backward. ZeRO-3 needs it in micro-batches that do not use the objective at all: a
+    GradCache micro-batch's loss step has already given it its gradient, and touching the leaf module again in the
+    chunks' backward passes puts its parameters twice into one DeepSpeed reduction bucket (an assertion there).
+    """
+    if engine == "ddp" or (engine == "deepspeed-zero3" and not gradcache_chunk):
+        return objective.zero_touch()
+    return 0.0
+
+
+def full_state_dict(engine: str, module) -> dict[str, torch.Tensor]:
+    """``module``'s state dict with full tensors on the CPU, gathered where the engine shards parameters (ZeRO-3:
+    `GatheredParameters`; FSDP2: `DTensor.full_tensor`). A collective on those engines: call it on every rank."""
+    if engine == "deepspeed-zero3":
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(module.parameters())):
+            return _cpu_copies(module.state_dict())
+    return _cpu_copies(module.state_dict())
+
+
+def is_sharded(engine: str) -> bool:
+    """Whether the engine holds only shards of the parameters outside a forward (ZeRO-3, FSDP)."""
+    return engine == "deepspeed-zero3" or engine.startswith("fsdp")
+
+
+def _cpu_copies(state: dict) -> dict[str, torch.Tensor]:
+    full = {key: value.full_tensor() if hasattr(value, "full_tensor") else value for key, value in state.items()}
+    return {key: value.detach().cpu().clone() for key, value in full.items()}

@@ -84,12 +84,15 @@ class ContrastiveObjective(nn.Module):
         """The projection head on pooled states [B, H] (cast to the head's dtype): [B, D]."""
         return self.projection(pooled.to(self.projection.fc1.weight.dtype))
 
-    def forward(self, anchors: Tensor, positives: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def forward(self, anchors: Tensor | None = None, positives: Tensor | None = None):
         """InfoNCE of pooled anchors and positives [B, H]: ``(loss, logits [B, C], projected anchors [B, D])``.
 
         Column i of the logits is row i's positive, so ``argmax == i`` is a hit (`craft.metrics`). The batch's
-        positives (of every rank, when gathered) are enqueued after the loss is computed.
+        positives (of every rank, when gathered) are enqueued after the loss is computed. Without ``positives``:
+        `zero_touch`'s zero.
         """
+        if positives is None:  # zero_touch: ``anchors`` is a leaf zero that requires grad (module docstring there)
+            return torch.stack([p.sum() for p in self.parameters()]).sum() * anchors
         a, p = self.project(anchors), self.project(positives)
         candidates, everyone = [p], p.detach()
         if self.gathers_negatives:
@@ -106,8 +109,12 @@ class ContrastiveObjective(nn.Module):
 
     def zero_touch(self) -> Tensor:
         """``0 · Σ params``: a zero whose backward gives every parameter a (zero) gradient, for micro-batches that
-        do not use the objective (DDP expects every parameter to take part in a synchronised backward)."""
-        return torch.stack([p.sum() * 0.0 for p in self.parameters()]).sum()
+        do not use the objective (`craft.engines.objective_zero`: DDP, ZeRO-3).
+
+        It is a call of this module with a zero input that requires grad: ZeRO-3 gathers a leaf module's parameters
+        around its forward and backward, and reduces their gradients once the gradient of the module's inputs is
+        computed, which is after the parameters' gradients (they come out of the same product node)."""
+        return self(torch.zeros((), device=self.projection.fc1.weight.device, requires_grad=True))
 
     # ------------------------------------------------------------------------------------------------ state
 
@@ -121,8 +128,9 @@ class ContrastiveObjective(nn.Module):
         return state
 
     def load_craft_state_dict(self, state: dict, load_modules: bool = True) -> None:
-        """Restore a `craft_state_dict`; ``load_modules=False`` keeps the parameters (an engine restored them)."""
-        if load_modules:
+        """Restore a `craft_state_dict`; ``load_modules=False`` (or a state without ``"modules"``) keeps the
+        parameters (an engine restored them)."""
+        if load_modules and "modules" in state:
             self.load_state_dict(state["modules"])
         self.ema.load_state_dict(state["ema"])
         if "balancing" in state:

@@ -13,6 +13,7 @@ import torch
 
 from craft.encoding import (forward_hidden, ids_and_mask, packed_self_align_masks, paired_sides, self_align_masks,
                             stack_right_padded)
+from craft.engines import engine_name, objective_zero
 from craft.errors import UserError
 from craft.gradcache import contrastive_gradcache
 from craft.hooks import last_hidden_state
@@ -69,7 +70,7 @@ class CRAFTContrastiveMixin:
         scaler = self._craft_scaler
         weight = scaler.contrastive_weight()
         (loss, logits, anchor_embeddings), pending = contrastive_gradcache(
-            lambda i, m: self._forward_hidden(model, i, m), self.craft_objective, anchors, positives,
+            lambda i, m: self._forward_hidden(model, i, m, touch_objective=True), self.craft_objective, anchors, positives,
             self.args.craft_gradcache_chunk_size, weight, no_sync=lambda: self.accelerator.no_sync(model),
             defer_last=True)
         self._craft_record_contrastive(loss, logits, anchor_embeddings)
@@ -81,18 +82,16 @@ class CRAFTContrastiveMixin:
             return value
         return regularizer + (value - regularizer.detach())
 
-    def _forward_hidden(self, model, input_ids, attention_mask):
-        """(last hidden state [B, T, H], a zero tied to the logits and the unused objective parameters)."""
+    def _forward_hidden(self, model, input_ids, attention_mask, touch_objective: bool = False):
+        """(last hidden state [B, T, H], a zero tied to the logits and, with ``touch_objective`` (a GradCache chunk,
+        whose backward does not use the objective), to the objective's parameters where the engine needs it)."""
         hidden, zero = forward_hidden(model, input_ids, attention_mask, self.args.craft_use_hidden_state_hook)
-        return hidden, zero + self._craft_unused_objective_zero()
+        return hidden, zero + (self._craft_unused_objective_zero(gradcache_chunk=True) if touch_objective else 0.0)
 
-    def _craft_unused_objective_zero(self) -> torch.Tensor | float:
-        """Under DDP, a zero touching the objective's parameters, so that a synchronised backward that does not
-        use them (an SFT micro-batch, a GradCache chunk) still all-reduces their gradients. DeepSpeed and FSDP
-        reduce whatever gradients exist (and ZeRO-3 holds only a shard of each parameter outside a forward)."""
-        if self.accelerator.num_processes > 1 and not (self.is_deepspeed_enabled or self.is_fsdp_enabled):
-            return self.craft_objective.zero_touch()
-        return 0.0
+    def _craft_unused_objective_zero(self, gradcache_chunk: bool = False) -> torch.Tensor | float:
+        """A zero touching the objective's parameters, for a backward that does not use them (an SFT micro-batch of
+        the paired strategy, a GradCache chunk), where the engine needs one (`craft.engines.objective_zero`)."""
+        return objective_zero(engine_name(self), self.craft_objective, gradcache_chunk)
 
     def _self_align_masks(self, batch):
         """(anchor mask, positive mask) [B, T] of a padded self-align batch (contrastive-ft 0.4.3's name)."""

@@ -58,7 +58,7 @@ from craft.accumulator import (
 from craft.config import CRAFTConfigMixin
 from craft.collator import CRAFTCollator
 from craft.encoding import hidden_state_capture, with_default_labels
-from craft.engines import check_engine_support
+from craft.engines import check_engine_support, engine_name, full_state_dict, is_sharded, prepare_objective
 from craft.errors import UserError
 from craft.balancing_step import CONTRASTIVE_TASK, SFT_TASK, BalancedScaler
 from craft.hooks import text_config, unwrap_model
@@ -135,6 +135,7 @@ class CRAFTTrainerMixin(CRAFTLoggingMixin, CRAFTBatchKeysMixin, CRAFTLoadersMixi
         self.loss_is_scaled_for_ga = True
         base = unwrap_model(self.model)
         objective = ContrastiveObjective.from_config(text_config(base).hidden_size, self.args)
+        prepare_objective(engine_name(self), objective)
         attach_objective(base, objective.to(self.args.device))
         self._craft_check_compat_keys()
         self._craft_step_losses: dict[int, float] = {}
@@ -351,13 +352,23 @@ class CRAFTTrainerMixin(CRAFTLoggingMixin, CRAFTBatchKeysMixin, CRAFTLoadersMixi
     def load_craft_state_dict(self, state: dict) -> None:
         self.craft_objective.load_craft_state_dict(state)
 
+    def save_model(self, output_dir=None, _internal_call=False):
+        """The host's `save_model`. On engines that shard parameters the objective's full tensors are gathered
+        first, on every rank (a collective; the host writes on rank 0 only, in `_save`)."""
+        engine = engine_name(self)
+        self._craft_full_tensors = full_state_dict(engine, self.craft_objective) if is_sharded(engine) else None
+        try:
+            super().save_model(output_dir, _internal_call)
+        finally:
+            self._craft_full_tensors = None
+
     def _save(self, output_dir=None, state_dict=None):
         """The host's save of the plain HF model (without the objective) plus `craft_state.pt` beside it.
 
-        ``state_dict`` is the full model state an engine gathered from its shards (DeepSpeed ZeRO-3, FSDP), if
-        any: the objective's tensors are taken from it before `save_pretrained` drops them.
+        ``state_dict`` is the full model state an engine gathered from its shards, if any: the objective's tensors
+        are taken from it before `save_pretrained` drops them (else from `save_model`'s gathered copy).
         """
-        tensors = objective_tensors(state_dict) if state_dict else None
+        tensors = objective_tensors(state_dict) if state_dict else getattr(self, "_craft_full_tensors", None)
         super()._save(output_dir, state_dict)
         if self.args.should_save:
             output_dir = self.args.output_dir if output_dir is None else output_dir
@@ -366,11 +377,25 @@ class CRAFTTrainerMixin(CRAFTLoggingMixin, CRAFTBatchKeysMixin, CRAFTLoadersMixi
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         super()._load_from_checkpoint(resume_from_checkpoint, model)
-        path = os.path.join(resume_from_checkpoint, CRAFT_STATE_NAME)
+        self._craft_load_state(resume_from_checkpoint, load_modules=not is_sharded(engine_name(self)))
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        """The host's restore, then, under DeepSpeed, the objective's queue, balancing and EMA state: the Trainer
+        skips `_load_from_checkpoint` there (DeepSpeed's own checkpoint restored the parameters, the objective's
+        included, as a submodule of the model)."""
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is not None and self.is_deepspeed_enabled:
+            self._craft_load_state(checkpoint, load_modules=False)
+
+    def _craft_load_state(self, checkpoint: str, load_modules: bool) -> None:
+        """`craft_state.pt` of ``checkpoint`` into the objective (``load_modules=False``: the engine restored its
+        parameters, sharded, and only the queue, balancing and EMA state are read)."""
+        path = os.path.join(checkpoint, CRAFT_STATE_NAME)
         if not os.path.isfile(path):
-            raise UserError(f"{resume_from_checkpoint} has no {CRAFT_STATE_NAME} (CRAFT projection head and "
+            raise UserError(f"{checkpoint} has no {CRAFT_STATE_NAME} (CRAFT projection head and "
                             "temperature): it was not written by a CRAFT trainer")
-        self.load_craft_state_dict(torch.load(path, map_location=self.args.device, weights_only=True))
+        state = torch.load(path, map_location="cpu", weights_only=True)  # the objective moves what it loads
+        self.load_craft_state_dict(state if load_modules else {k: v for k, v in state.items() if k != "modules"})
 
 
 def _sft_trainer_class():
