@@ -1,5 +1,7 @@
 """TRL wrappers (DPO, KTO, ORPO, GRPO, RLOO): each trains 3 steps on a tiny model, and the contrastive term's
-gradient reaches the model with exactly the weight (1 - alpha) / M; PPO gives a clear error with TRL 1.x."""
+gradient reaches the model with exactly the weight (1 - alpha) / M; the logged ``loss`` is the optimised
+objective (= loss/craft_total = alpha · host + (1 - alpha) · InfoNCE); schedule settings the wrappers cannot honour
+are refused; PPO gives a clear error with TRL 1.x."""
 
 from __future__ import annotations
 
@@ -94,10 +96,11 @@ def test_wrapper_trains_and_contrastive_gradient_reaches_the_model(kind, tmp_pat
 
     def spy(wrapped_model):
         before = probe.grad.clone() if probe.grad is not None else torch.zeros_like(probe)
-        original_step(wrapped_model)
+        weighted = original_step(wrapped_model)
         deltas.append(probe.grad - before)
         if len(deltas) == 1:  # first micro-batch: alpha 0.5, M = 1 contrastive term in the step (GA 1, beta 0: every step)
             references.append(_reference_contrastive_grad(trainer, model, seen[-1], 0.5, probe))
+        return weighted
 
     trainer._craft_next_contrastive_batch = next_batch
     trainer._craft_auxiliary_contrastive = spy
@@ -116,9 +119,35 @@ def test_wrapper_beta_schedules_the_contrastive_micro_batches(tmp_path):
     trainer = _trainer("DPO", tmp_path, beta=0.5, gradient_accumulation_steps=2)
     calls = []
     original = trainer._craft_auxiliary_contrastive
-    trainer._craft_auxiliary_contrastive = lambda m: (calls.append(trainer._craft_micro_batch_index - 1), original(m))
+    trainer._craft_auxiliary_contrastive = lambda m: (calls.append(trainer._craft_micro_batch_index - 1),
+                                                      original(m))[1]
     trainer.train()
     assert calls == [1, 3, 5]  # floor((k+1)/2) > floor(k/2) for k = 1, 3, 5 of 6 micro-batches
+
+
+@pytest.mark.parametrize("kind", ["DPO", "KTO", "ORPO", "GRPO", "RLOO"])
+def test_wrapper_logged_loss_is_the_optimised_objective(kind, tmp_path):
+    """GA 2, beta 0.5: every step is one host and one contrastive micro-batch (k = 1, 3, 5 contrastive); the
+    Trainer's ``loss`` (the sum of what the step backpropagated) equals alpha · L_host + (1 - alpha) · L_con."""
+    trainer = _trainer(kind, tmp_path, alpha=0.7, beta=0.5, gradient_accumulation_steps=2)
+    trainer.train()
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry and "loss/craft_total" in entry]
+    assert len(logs) == 3
+    for entry in logs:
+        host, contrast = entry["loss/craft_sft"], entry["loss/craft_contrast"]
+        assert contrast > 0.1  # the InfoNCE part is far from negligible: leaving it out would show
+        assert entry["loss/craft_total"] == pytest.approx(0.7 * host + 0.3 * contrast, rel=1e-6)
+        assert entry["loss"] == pytest.approx(entry["loss/craft_total"], rel=1e-5, abs=1e-6)
+
+
+@pytest.mark.parametrize("key, value", [("craft_beta_mode", "auto"), ("craft_length_strategy", "cap"),
+                                        ("craft_length_strategy", "auto_beta"), ("craft_length_strategy", "error")])
+def test_wrapper_refuses_schedule_settings_it_cannot_honour(key, value, tmp_path):
+    from craft.errors import UserError
+
+    with pytest.raises(UserError, match=rf"CRAFTDPOTrainer: {key}='{value}' is not supported.*{key}="):
+        _trainer("DPO", tmp_path, beta=0.5, **{key: value})
+    assert _trainer("DPO", tmp_path, beta=0.5, craft_beta_mode="fixed", craft_length_strategy="oversample")
 
 
 def test_ppo_names_the_trl_version_and_alternatives():

@@ -17,8 +17,16 @@ Per optimizer step the parameters follow the gradient of
 
 The contrastive batches come from ``craft_bundle``: a paired dataset, or (self-align) a dataset with an
 assistant span given as ``contrastive_dataset``. They are drawn from a seeded loader sharded per rank and
-restarted (new shuffle) when exhausted. GradCache, the negative queue and gradient balancing work as in
-`craft.trainers.CRAFTTrainerMixin`; "loss/craft_sft" in the logs is the host's loss.
+restarted (new shuffle) when exhausted: the stream runs beside the host's own loader at the fixed rate
+``craft_beta``, which is what ``craft_length_strategy="oversample"`` means. ``craft_beta_mode="auto"`` and the
+other length strategies need the mixed loader of `craft.trainers.CRAFTSFTTrainer`; they are a `UserError` naming
+the key at construction. GradCache, the negative queue and gradient balancing work as in
+`craft.trainers.CRAFTTrainerMixin`.
+
+Logged: "loss/craft_sft" is ``L_host`` (the sum over the step's micro-batches of what the host's step objective
+gets from each: its loss divided by the accumulation steps when Trainer divides, as is), "loss/craft_contrast"
+``L_con``, "loss/craft_total" ``J``; the Trainer's ``loss`` is what was backpropagated in all (the host's
+weighted loss plus the weighted InfoNCE), so it equals "loss/craft_total" without gradient balancing.
 """
 
 from __future__ import annotations
@@ -50,6 +58,7 @@ class CRAFTAuxiliaryContrastiveMixin(CRAFTTrainerMixin):
             raise UserError(f"{type(self).__name__} with strategy 'self_align' needs a separate contrastive_dataset "
                             "with an assistant span (labels or assistant_mask): the host's own batches "
                             "(preference pairs, prompts) have none")
+        check_wrapper_schedule(type(self).__name__, self.args)
         self._craft_micro_batch_index = 0
         self._craft_contrastive_stream: ContrastiveStream | None = None
 
@@ -102,7 +111,8 @@ class CRAFTAuxiliaryContrastiveMixin(CRAFTTrainerMixin):
         # Every rank follows the same schedule: the window holds terms * world InfoNCE terms in all.
         scaler = AccumulationScaler(self.args.craft_alpha, WindowCounts(num_micro_batches, terms * world), world)
         self._craft_scaler = self._craft_balanced_scaler(scaler)
-        self._craft_window = WindowLog(WindowCounts(num_micro_batches, terms), num_micro_batches)
+        # L_host is a sum of the micro-batches' shares (`compute_loss`): its normaliser is 1.
+        self._craft_window = WindowLog(WindowCounts(1, terms), num_micro_batches)
         if self.args.craft_debug:
             self._craft_debug_window(f"{num_micro_batches} host micro-batches, {terms} contrastive on this rank")
 
@@ -126,23 +136,31 @@ class CRAFTAuxiliaryContrastiveMixin(CRAFTTrainerMixin):
         loss, outputs = (result[0], result[1:]) if return_outputs else (result, None)
         # The Trainer (or the host) averages the window's micro-batches: s's share per micro-batch follows suit.
         steps = getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
-        units = 1.0 if self._craft_trainer_divides_by_ga(num_items_in_batch) else 1.0 / steps
+        divides = self._craft_trainer_divides_by_ga(num_items_in_batch)
+        units = 1.0 if divides else 1.0 / steps
         weighted = self.craft_balancing.task_term(SFT_TASK, self.args.craft_alpha, loss, units)
-        self._craft_window.sft_nll_sum += float(loss.detach())
+        # This micro-batch's share of the step's L_host (what Trainer backpropagates, over alpha · λ).
+        self._craft_window.sft_nll_sum += float(loss.detach()) / (steps if divides else 1)
         self._craft_end_micro_batch()
         return (weighted, *outputs) if return_outputs else weighted
 
     def training_step(self, model, inputs, num_items_in_batch=None):
+        """The host's micro-batch, preceded by a contrastive one when the schedule says so. Returns what was
+        backpropagated in all (the host's weighted loss plus the weighted InfoNCE): Trainer logs its sum as
+        ``loss``, so ``loss`` is the optimised objective."""
         if self._craft_window is None or self._craft_window.remaining <= 0:
             self._craft_open_window(1)
         index = self._craft_micro_batch_index
         self._craft_micro_batch_index += 1
+        contrastive = None
         if is_contrastive_step(index, self.args.craft_beta):
-            self._craft_auxiliary_contrastive(model)
-        return super().training_step(model, inputs, num_items_in_batch)
+            contrastive = self._craft_auxiliary_contrastive(model)
+        host = super().training_step(model, inputs, num_items_in_batch)
+        return host if contrastive is None else host + contrastive.to(host.device)
 
-    def _craft_auxiliary_contrastive(self, model) -> None:
-        """Forward and backward of one weighted contrastive micro-batch, before the host's own step."""
+    def _craft_auxiliary_contrastive(self, model) -> torch.Tensor:
+        """Forward and backward of one weighted contrastive micro-batch, before the host's own step; returns the
+        weighted loss it backpropagated (detached)."""
         batch = self._craft_next_contrastive_batch()
         self.craft_objective.train()
         with self.accelerator.no_sync(model):
@@ -150,6 +168,7 @@ class CRAFTAuxiliaryContrastiveMixin(CRAFTTrainerMixin):
             self.accelerator.backward(loss)
         if self.craft_balancing.per_task_gradients:
             self.craft_balancing.collect(self._craft_trainable_parameters(), CONTRASTIVE_TASK)
+        return loss.detach()
 
 
     # ------------------------------------------------------------------------------------------- state
@@ -166,6 +185,22 @@ class CRAFTAuxiliaryContrastiveMixin(CRAFTTrainerMixin):
         if schedule is not None:
             self._craft_micro_batch_index = int(schedule["micro_batches"])
             self._craft_contrastive_stream = None  # re-seeks on the next contrastive micro-batch
+
+def check_wrapper_schedule(owner: str, args) -> None:
+    """The wrappers schedule contrastive micro-batches at the fixed rate ``craft_beta`` beside the host's loader
+    (an endless stream: ``craft_length_strategy="oversample"``); a `UserError` naming the key for any other
+    schedule setting, instead of ignoring it."""
+    fix = "set craft_beta to the SFT (host) share of micro-batches you want, or use CRAFTSFTTrainer"
+    if args.craft_beta_mode != "fixed":
+        raise UserError(f"{owner}: craft_beta_mode={args.craft_beta_mode!r} is not supported: the host trainer keeps "
+                        "its own data loader, so there are no loader lengths to derive beta from; use "
+                        f"craft_beta_mode='fixed' and {fix}")
+    if args.craft_length_strategy != "oversample":
+        raise UserError(f"{owner}: craft_length_strategy={args.craft_length_strategy!r} is not supported: the "
+                        "contrastive batches are an endless stream beside the host's own loader (restarted when "
+                        "exhausted, as 'oversample' does) and cannot cut the host's epoch; use "
+                        f"craft_length_strategy='oversample' and {fix}")
+
 
 def _wrapper(host_name: str, host_class, config_name: str):
     doc = (f"`{host_name}` with CRAFT (`craft.trl_wrappers`): the host's arguments plus ``craft_bundle`` "
