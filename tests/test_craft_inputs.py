@@ -81,3 +81,25 @@ def test_bundle_from_other_rows_than_train_dataset_is_a_user_error():
         with pytest.raises(UserError, match=message):
             CRAFTSFTTrainer(model=tiny_model("llama"), args=_args(), train_dataset=Dataset.from_list(other),
                             craft_bundle=bundle, processing_class=make_tokenizer())
+
+
+def test_text_in_a_token_column_is_a_user_error_naming_column_and_row():
+    text_ids = [{**r, "input_ids": "the cat sat"} for r in toy_chat_rows(4, seed=1)]
+    with pytest.raises(UserError, match=r"row 0 of the train_dataset: column 'input_ids' holds text \('the cat sat'\)"):
+        _trainer(text_ids)
+    text_labels = [{**r, "labels": ["the", "cat"]} for r in toy_chat_rows(4, seed=1)]  # failed deep in int() before
+    with pytest.raises(UserError, match=r"row 0 of the train_dataset: column 'labels' holds text"):
+        _trainer(text_labels)
+    pairs = toy_pair_rows(4, seed=2)
+    pairs[3] = {**pairs[3], "input_ids_tgt": "a ship sails"}  # a list of dicts: the first bad row is named
+    with pytest.raises(UserError, match=r"row 3 of the contrastive dataset: column 'input_ids_tgt' holds text"):
+        make_craft_datasets(toy_chat_rows(4, seed=1), contrastive_dataset=pairs)
+
+
+def test_paired_row_without_its_positive_is_a_user_error_naming_column_and_row():
+    """`datasets` fills a key some rows lack with None: the column exists, row 2 has no positive (it trained
+    silently before, with that row's positive dropped by the collator)."""
+    pairs = toy_pair_rows(4, seed=2)
+    pairs[2] = {"input_ids": pairs[2]["input_ids"]}
+    with pytest.raises(UserError, match=r"row 2 of the contrastive dataset has no 'input_ids_tgt' \(None\)"):
+        make_craft_datasets(Dataset.from_list(toy_chat_rows(4, seed=1)), contrastive_dataset=Dataset.from_list(pairs))

@@ -5,7 +5,10 @@ Errors (one line naming the key, column or row):
 * an unknown ``craft_*`` keyword, to a CRAFT config class (`reject_unknown_craft_keys`) or to a CRAFT trainer
   (`check_craft_keywords`), names the keyword and the closest known one;
 * an empty ``train_dataset``; a ``train_dataset`` whose every row has all labels -100 (no SFT target token);
-* a ``craft_bundle`` built from other rows than ``train_dataset``.
+* a ``craft_bundle`` built from other rows than ``train_dataset``;
+* text in a token column (``input_ids``, ``attention_mask``, ``labels`` and their ``_tgt`` twins) of
+  ``train_dataset`` or the contrastive dataset, and a row of a paired contrastive dataset without its positive
+  (``input_ids_tgt`` missing or None): `check_token_columns`.
 
 Warnings (`CRAFTNoOpWarning`, each naming the knob to change), checked once when a trainer is built:
 * a contrastive micro-batch of one pair without extra negatives: InfoNCE over one candidate is log 1 = 0, so its
@@ -115,6 +118,7 @@ def check_train_dataset(train_dataset: Any, ignore_index: int = -100) -> None:
     if n == 0:
         raise UserError("train_dataset is empty: CRAFT needs SFT rows (or host rows for the preference / RL "
                         "trainers) to train on")
+    check_token_columns(train_dataset, "train_dataset")
     names = getattr(train_dataset, "column_names", None)
     if n is None or (names is not None and "labels" not in names):
         return
@@ -130,6 +134,73 @@ def check_train_dataset(train_dataset: Any, ignore_index: int = -100) -> None:
     else:
         raise UserError(f"train_dataset: every row's 'labels' are {ignore_index} ({n} rows): there is no SFT target "
                         "token to learn; check the assistant / completion mask that built the labels")
+
+
+TOKEN_COLUMNS = ("input_ids", "attention_mask", "labels", "input_ids_tgt", "attention_mask_tgt", "labels_tgt")
+
+
+def _is_text(value: Any) -> bool:
+    """A string, or a sequence whose first item is one (``["the", "cat"]``)."""
+    if isinstance(value, (str, bytes)):
+        return True
+    if isinstance(value, (list, tuple)) and value:
+        return isinstance(value[0], (str, bytes))
+    return False
+
+
+def _arrow_holds_text(arrow_type: Any) -> bool:
+    import pyarrow as pa
+
+    while pa.types.is_list(arrow_type) or pa.types.is_large_list(arrow_type) or pa.types.is_fixed_size_list(arrow_type):
+        arrow_type = arrow_type.value_type
+    return pa.types.is_string(arrow_type) or pa.types.is_large_string(arrow_type) or pa.types.is_binary(arrow_type)
+
+
+def _first_row(values: Iterable[Any], test) -> int | None:
+    return next((index for index, value in enumerate(values) if test(value)), None)
+
+
+def _column_problem(dataset: Any, column: str, required: bool) -> tuple[str, int] | None:
+    """("text" | "missing", first row) for one column of a `datasets.Dataset` or a list of dicts, else None.
+    A `datasets.Dataset` answers from its Arrow schema and null count; rows are read only to name the bad one."""
+    table = getattr(dataset, "data", None)
+    if hasattr(dataset, "column_names") and hasattr(table, "schema"):
+        if column not in dataset.column_names:
+            return None  # an absent column: the dataset's own column checks name it
+        rows = (row[column] for row in dataset.select_columns([column]))
+        if _arrow_holds_text(table.schema.field(column).type):
+            return "text", _first_row(rows, lambda v: v is not None) or 0
+        if required and table.column(column).null_count:
+            return "missing", _first_row(rows, lambda v: v is None)
+        return None
+    if not isinstance(dataset, (list, tuple)) or not all(isinstance(row, Mapping) for row in dataset):
+        return None  # other datasets (iterable, torch): left to the collator
+    if not any(column in row for row in dataset):
+        return None
+    text = _first_row((row.get(column) for row in dataset), _is_text)
+    if text is not None:
+        return "text", text
+    missing = _first_row((row.get(column) for row in dataset), lambda v: v is None) if required else None
+    return None if missing is None else ("missing", missing)
+
+
+def check_token_columns(dataset: Any, what: str, columns: Iterable[str] = TOKEN_COLUMNS,
+                        required: Iterable[str] = ()) -> None:
+    """A `UserError` naming the column and the first bad row when a token column of ``dataset`` holds text, or a
+    ``required`` column is missing (None) in some row — e.g. the positive ``input_ids_tgt`` of a paired
+    contrastive dataset built from rows that lack it (`datasets` fills those with None)."""
+    required = set(required)
+    for column in dict.fromkeys([*columns, *required]):
+        problem = _column_problem(dataset, column, column in required)
+        if problem is None:
+            continue
+        kind, row = problem
+        if kind == "text":
+            value = dataset[row][column]
+            raise UserError(f"row {row} of the {what}: column {column!r} holds text ({str(value)[:40]!r}), not token "
+                            "ids; tokenize it first, e.g. tokenizer(texts)['input_ids']")
+        raise UserError(f"row {row} of the {what} has no {column!r} (None): every row of a paired contrastive "
+                        f"dataset needs its positive; drop the rows without one or fill them")
 
 
 def check_prepared_dataset(prepared: Any) -> None:
