@@ -19,6 +19,7 @@ from torch import Tensor
 from craft.accumulator import BATCH_TYPE_KEY, CONTRASTIVE, SFT  # noqa: F401  (contrastive-ft 0.4.3 names)
 from craft.collator import CRAFTCollator  # noqa: F401
 from craft.errors import UserError
+from craft.validation import TOKEN_COLUMNS, check_token_columns
 from craft.loader import (BETA_MODES, LENGTH_STRATEGIES, ContrastiveStream, CRAFTMixedDataLoader,  # noqa: F401
                           build_loader, contrastive_count, is_contrastive_step, set_loader_epoch)
 
@@ -159,6 +160,9 @@ def make_craft_datasets(primary_dataset: Any, contrastive_dataset: Any = None, s
         anchors, positives = keys.get("anchor_input_ids", "input_ids"), keys.get("positive_input_ids", "input_ids_tgt")
         _require(contrastive_dataset, "contrastive dataset", (anchors, positives),
                  f"paired_dataset needs anchor {anchors} and positive {positives} (craft_contrastive_keys)")
+        # every row needs its positive (datasets fills a key some rows lack with None), all of them token ids
+        check_token_columns(contrastive_dataset, "contrastive dataset", (*TOKEN_COLUMNS, *keys.values()),
+                            required=(positives,))
         return CRAFTDatasetBundle(primary_dataset, contrastive_dataset, strategy, assistant_mask_key)
     why = (f"self_align takes its positives from the assistant span: labels != -100 or {assistant_mask_key} == 1")
     _require_any(primary_dataset, "primary (SFT) dataset", ("labels", *assistant_mask_columns(assistant_mask_key)), why)
@@ -167,6 +171,7 @@ def make_craft_datasets(primary_dataset: Any, contrastive_dataset: Any = None, s
     elif contrastive_dataset is not primary_dataset:
         columns = ("labels", *assistant_mask_columns(assistant_mask_key))
         _require_any(contrastive_dataset, "contrastive dataset", columns, why)
+        check_token_columns(contrastive_dataset, "contrastive dataset")
     return CRAFTDatasetBundle(primary_dataset, contrastive_dataset, strategy, assistant_mask_key)
 
 
