@@ -1,7 +1,9 @@
 """Exact resume: a run resumed from a checkpoint in epoch 1, at the end of epoch 1, or in epoch 3 logs the same
 losses and ends with the same weights (model, projection head, temperature) as the uninterrupted run — for the
-SFT mixin (with a MoCo queue, loss_scale balancing, dropout and an oversampled loader) and for the DPO, KTO
-and ORPO wrappers (whose contrastive stream runs across epochs at its own pace)."""
+SFT mixin (with a MoCo queue, loss_scale balancing, dropout and an oversampled loader) and for the DPO, KTO,
+ORPO, GRPO and RLOO wrappers (whose contrastive stream runs across epochs at its own pace). GRPO and RLOO need
+`craft.host_sampler.EpochRepeatSampler`: TRL's own RepeatSampler restarts its permutation sequence on resume
+(plain TRL is not exact past epoch 1 either; the sampler test shows why)."""
 
 from __future__ import annotations
 
@@ -114,9 +116,33 @@ def test_sft_mixin_resume_is_exact_in_epoch_1_at_the_boundary_and_in_epoch_3(tmp
     assert_resume_is_exact(_sft_trainer, tmp_path, {"epoch1": 2, "boundary": 3, "epoch3": 8})
 
 
-# GRPO and RLOO are not yet exact after a resume in epoch 3 (the contrastive loss of the second step after it
-# differs by ~2%); they are left out until that is found, rather than checked loosely.
 @pytest.mark.parametrize("kind", ["DPO", "KTO", "ORPO"])
 def test_wrapper_resume_is_exact_in_epoch_1_at_the_boundary_and_in_epoch_3(kind, tmp_path):
     # 2 steps per epoch: step 1 is inside epoch 1, step 2 ends it, step 5 is inside epoch 3
     assert_resume_is_exact(lambda out: _wrapper_trainer(kind, out), tmp_path, {"epoch1": 1, "boundary": 2, "epoch3": 5})
+
+
+@pytest.mark.parametrize("kind", ["GRPO", "RLOO"])
+def test_online_rl_wrapper_resume_is_exact_in_epoch_1_at_the_boundary_and_in_epoch_3(kind, tmp_path):
+    # 8 prompts x 2 generations in micro-batches of 2, GA 2: 4 steps per epoch; step 9 is inside epoch 3
+    assert_resume_is_exact(lambda out: _wrapper_trainer(kind, out), tmp_path, {"epoch1": 1, "boundary": 4, "epoch3": 9})
+
+
+def test_trl_repeat_sampler_restarts_its_order_on_resume_and_ours_does_not():
+    """Why plain TRL's GRPO / RLOO are not resume-exact past epoch 1: TRL's RepeatSampler draws epoch e's order as
+    the (e+1)-th permutation of one generator, so a fresh sampler (a resumed run) starts again at epoch 0's.
+    EpochRepeatSampler gives TRL's order in every epoch, from the epoch it is told."""
+    from trl.trainer.utils import RepeatSampler
+
+    from craft.host_sampler import EpochRepeatSampler
+
+    def sampler(cls):
+        return cls(list(range(8)), mini_repeat_count=2, batch_size=2, repeat_count=2, seed=0)
+
+    uninterrupted = sampler(RepeatSampler)
+    trl_epochs = [list(uninterrupted) for _ in range(3)]
+    assert trl_epochs[0] != trl_epochs[2] and list(sampler(RepeatSampler)) == trl_epochs[0]  # resumed: epoch 0 again
+    ours = sampler(EpochRepeatSampler)
+    for epoch in (2, 0, 1):  # any order, as a resumed run needs
+        ours.set_epoch(epoch)
+        assert list(ours) == trl_epochs[epoch]

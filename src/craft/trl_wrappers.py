@@ -209,6 +209,11 @@ def _wrapper(host_name: str, host_class, config_name: str):
     if host_name == "ORPOTrainer":  # TRL's ORPO tokenises text rows only; pre-tokenised ones are completed
         doc += " Pre-tokenised preference rows are accepted (`craft.preference_rows`)."
         bases = (CRAFTAuxiliaryContrastiveMixin, PreTokenisedPreferenceRows, host_class)
+    if host_name in ("GRPOTrainer", "RLOOTrainer"):  # TRL's RepeatSampler is not resume-exact past epoch 1
+        from craft.host_sampler import RepeatSamplerEpochs
+
+        doc += " Prompts are drawn by `craft.host_sampler.EpochRepeatSampler`: TRL's order, resumed exactly."
+        bases = (CRAFTAuxiliaryContrastiveMixin, RepeatSamplerEpochs, host_class)
     return type(f"CRAFT{host_class.__name__}", bases, {"__doc__": doc})
 
 
