@@ -46,13 +46,15 @@ ENGINES = {
                             "gradient_accumulation_steps": "auto", "gradient_clipping": "auto"}},
     "zero3": {"deepspeed": {"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": "auto",
                             "gradient_accumulation_steps": "auto", "gradient_clipping": "auto"}},
+    # On CPU FSDP2 saves sharded state dicts only (craft.engines.enable_cpu_fsdp2).
     "fsdp2": {"fsdp": "full_shard", "fsdp_config": {"fsdp_version": 2, "reshard_after_forward": True,
+                                                    "state_dict_type": "SHARDED_STATE_DICT",
                                                     "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
                                                     "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]}},
 }
 
 
-RESUMED_ENGINES = ("ddp", "zero2", "zero3")
+RESUMED_ENGINES = ("ddp", "zero2", "zero3", "fsdp2")
 
 
 def _model(lora: bool):

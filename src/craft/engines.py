@@ -32,8 +32,8 @@ Combinations that cannot work raise a `UserError` when the trainer is built, nam
 * FSDP version 1 flattens parameters into FlatParameters that exist only inside the wrapped forward, while the
   objective runs outside the model's forward; use FSDP2 (``fsdp_version: 2``).
 * GradCache under DeepSpeed fp16: its chunk backward passes run outside the engine's loss scaler.
-* FSDP requested on a CPU run: accelerate enables FSDP only on GPUs and other accelerators and otherwise trains
-  plain DDP without a word; CRAFT says so instead.
+* FSDP version 1 requested on a CPU run: accelerate enables FSDP only on GPUs and other accelerators and
+  otherwise trains plain DDP without a word; CRAFT says so instead. FSDP2 runs on CPU (`enable_cpu_fsdp2`).
 """
 
 from __future__ import annotations
@@ -82,6 +82,45 @@ def prepare_objective(engine: str, objective) -> None:
         from deepspeed.utils import set_z3_leaf_module
 
         set_z3_leaf_module(objective, True)
+
+
+def enable_cpu_fsdp2(trainer) -> None:
+    """Switch accelerate's FSDP path on for a CPU run that asks for FSDP2 (``fsdp`` / ``fsdp_config`` with version
+    2, or an ``accelerate launch`` FSDP config with ``fsdp_version: 2``).
+
+    accelerate enables FSDP only on GPUs and other accelerators (its distributed type stays MULTI_CPU, and the model
+    would silently be trained by DDP). FSDP2's ``fully_shard`` needs only all-gather and reduce-scatter, which gloo
+    has, so on CPU CRAFT gives accelerate the plugin the Trainer built and the FSDP distributed type; accelerate's
+    own FSDP2 preparation (``fully_shard`` of the decoder layers and the root, the objective included) then runs as
+    on a GPU. Called right after the Trainer created its Accelerator.
+    """
+    import os
+
+    if trainer.is_fsdp_enabled or trainer.accelerator.device.type != "cpu":
+        return
+    plugin_args = trainer.args.fsdp_plugin_args
+    from_launcher = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    if plugin_args is not None:
+        version = int(plugin_args.get("fsdp_version", 1))
+    elif from_launcher:
+        version, plugin_args = int(os.environ.get("FSDP_VERSION", "1")), {}
+    else:
+        return
+    if version != 2:
+        return  # FSDP1 on CPU: refused by check_engine_support
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    plugin = FullyShardedDataParallelPlugin(**plugin_args)
+    if "FULL_STATE_DICT" in str(plugin.state_dict_type):
+        raise UserError("fsdp2 on CPU needs fsdp_config state_dict_type 'SHARDED_STATE_DICT': a full state dict "
+                        "(the default, 'FULL_STATE_DICT') is gathered by torch's "
+                        "get_model_state_dict(cpu_offload=True), which returns unusable tensors when the shards "
+                        "already live on the CPU (measured with torch "
+                        f"{torch.__version__}), so no checkpoint or final model could be saved")
+    state = trainer.accelerator.state
+    state.fsdp_plugin = plugin
+    state.distributed_type = DistributedType.FSDP
+    trainer.is_fsdp_enabled = True
 
 
 def objective_zero(engine: str, objective, gradcache_chunk: bool = False) -> torch.Tensor | float:

@@ -70,7 +70,8 @@ class CRAFTContrastiveMixin:
         scaler = self._craft_scaler
         weight = scaler.contrastive_weight()
         (loss, logits, anchor_embeddings), pending = contrastive_gradcache(
-            lambda i, m: self._forward_hidden(model, i, m, touch_objective=True), self.craft_objective, anchors, positives,
+            lambda i, m: self._forward_hidden(model, i, m, touch_objective=True), self.craft_objective, anchors,
+            positives,
             self.args.craft_gradcache_chunk_size, weight, no_sync=lambda: self.accelerator.no_sync(model),
             defer_last=True)
         self._craft_record_contrastive(loss, logits, anchor_embeddings)

@@ -58,7 +58,8 @@ from craft.accumulator import (
 from craft.config import CRAFTConfigMixin
 from craft.collator import CRAFTCollator
 from craft.encoding import hidden_state_capture, with_default_labels
-from craft.engines import check_engine_support, engine_name, full_state_dict, is_sharded, prepare_objective
+from craft.engines import (check_engine_support, enable_cpu_fsdp2, engine_name, full_state_dict, is_sharded,
+                           prepare_objective)
 from craft.errors import UserError
 from craft.balancing_step import CONTRASTIVE_TASK, SFT_TASK, BalancedScaler
 from craft.hooks import text_config, unwrap_model
@@ -148,6 +149,12 @@ class CRAFTTrainerMixin(CRAFTLoggingMixin, CRAFTBatchKeysMixin, CRAFTLoadersMixi
         self.add_callback(EpochSync(self))
         self._craft_logs: dict[str, list[float]] = defaultdict(list)
         self._craft_warn_no_ops(base)
+
+    def create_accelerator_and_postprocess(self):
+        """The host's Accelerator; on CPU with FSDP2 requested, accelerate's FSDP path switched on
+        (`craft.engines.enable_cpu_fsdp2`)."""
+        super().create_accelerator_and_postprocess()
+        enable_cpu_fsdp2(self)
 
     def _craft_warn_no_ops(self, base) -> None:
         """`craft.validation.warn_no_op_settings` for this trainer's model, schedule and batch sizes."""
@@ -357,8 +364,11 @@ class CRAFTTrainerMixin(CRAFTLoggingMixin, CRAFTBatchKeysMixin, CRAFTLoadersMixi
         first, on every rank (a collective; the host writes on rank 0 only, in `_save`)."""
         engine = engine_name(self)
         self._craft_full_tensors = full_state_dict(engine, self.craft_objective) if is_sharded(engine) else None
+        self._craft_state_written = False
         try:
             super().save_model(output_dir, _internal_call)
+            if self._craft_full_tensors is not None and not self._craft_state_written:  # FSDP's sharded state dict
+                self._craft_write_state(output_dir, self._craft_full_tensors)  # does not reach _save
         finally:
             self._craft_full_tensors = None
 
@@ -370,6 +380,11 @@ class CRAFTTrainerMixin(CRAFTLoggingMixin, CRAFTBatchKeysMixin, CRAFTLoadersMixi
         """
         tensors = objective_tensors(state_dict) if state_dict else getattr(self, "_craft_full_tensors", None)
         super()._save(output_dir, state_dict)
+        self._craft_write_state(output_dir, tensors)
+
+    def _craft_write_state(self, output_dir, tensors) -> None:
+        """`craft_state.pt` in ``output_dir`` (rank 0), the objective's parameters from ``tensors`` if given."""
+        self._craft_state_written = True
         if self.args.should_save:
             output_dir = self.args.output_dir if output_dir is None else output_dir
             os.makedirs(output_dir, exist_ok=True)
