@@ -38,6 +38,8 @@ Combinations that cannot work raise a `UserError` when the trainer is built, nam
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from craft.errors import UserError
@@ -94,8 +96,6 @@ def enable_cpu_fsdp2(trainer) -> None:
     own FSDP2 preparation (``fully_shard`` of the decoder layers and the root, the objective included) then runs as
     on a GPU. Called right after the Trainer created its Accelerator.
     """
-    import os
-
     if trainer.is_fsdp_enabled or trainer.accelerator.device.type != "cpu":
         return
     plugin_args = trainer.args.fsdp_plugin_args
