@@ -7,8 +7,8 @@ the last step (gradients reduced, activations freed: the most model state a rank
 
 * ``held``: the bytes of every distinct tensor storage alive in the process (found by walking the garbage
   collector's objects; DTensors by their local shard): parameters or their shards, gradients or their partitions,
-  the optimizer's states, DeepSpeed's fp32 master partitions and buckets. Tensors held only by C++ (DDP's gradient
-  buckets) are not visible there;
+  the optimizer's states, DeepSpeed's fp32 master partitions and buckets, plus DDP's gradient buckets, which only
+  C++ holds (their sizes from DDP's own logging data, `ddp_bucket_bytes`);
 * ``params``: the bytes of the parameters this rank stores (ZeRO-3: its partition ``ds_tensor``, plus the full
   tensor of persistent parameters; FSDP2: the local shard; otherwise the whole tensor);
 * ``optimizer``: the bytes of the optimizer's state tensors (AdamW's two moments, on DeepSpeed its partitions);
@@ -32,6 +32,7 @@ from transformers import TrainerCallback
 from craft.config import CRAFTSFTConfig
 from craft.data import CRAFTCollator, make_craft_datasets
 from craft.testing import make_tokenizer, tiny_model, toy_chat_rows
+from craft.trainers import CRAFTSFTTrainer
 
 # Buckets of 5e5 elements (2 MB): DeepSpeed's defaults (5e8) would allocate 2 GB buffers for this model, and
 # even 5e6 (20 MB each) is a fixed cost of the order of the model state of a 17.8 M-parameter model.
@@ -94,6 +95,17 @@ def parameter_bytes(model: torch.nn.Module) -> int:
     return total
 
 
+def ddp_bucket_bytes(wrapped) -> int:
+    """Bytes of DDP's flat gradient buckets (0 for other engines, or when gradients are views into the buckets):
+    the reducer allocates them in C++, where the garbage collector cannot see them."""
+    if not isinstance(wrapped, torch.nn.parallel.DistributedDataParallel):
+        return 0
+    data = wrapped._get_ddp_logging_data()
+    if data.get("gradient_as_bucket_view"):
+        return 0
+    return sum(int(size) for size in str(data.get("bucket_sizes", "")).split(",") if size)
+
+
 def optimizer_bytes(optimizer) -> int:
     """Bytes of the state tensors of the torch optimizer at the bottom of the engine's wrappers."""
     while hasattr(optimizer, "optimizer"):
@@ -116,7 +128,9 @@ class Measure(TrainerCallback):
 
         def measured_step(*a, **k):
             if state.global_step == MEASURED_STEP and not self.result:
-                self.result = {"held": held_bytes(), "params": parameter_bytes(trainer.model),
+                buckets = ddp_bucket_bytes(trainer.model_wrapped)
+                self.result = {"held": held_bytes() + buckets, "buckets": buckets,
+                               "params": parameter_bytes(trainer.model),
                                "optimizer": optimizer_bytes(trainer.optimizer)}
             return step(*a, **k)
 
@@ -133,7 +147,7 @@ def run(engine: str, out: str) -> dict:
                           ddp_backend="gloo", max_grad_norm=0.0, craft_projection_dim=128,
                           **{"bf16": False, **ENGINES[engine]})
     measure = Measure()
-    trainer = __import__("craft.trainers", fromlist=["CRAFTSFTTrainer"]).CRAFTSFTTrainer(
+    trainer = CRAFTSFTTrainer(
         model=model, args=args, train_dataset=sft, craft_bundle=make_craft_datasets(sft, strategy="self_align"),
         data_collator=CRAFTCollator(pad_token_id=3), processing_class=make_tokenizer(), callbacks=[measure])
     measure.trainer = trainer
