@@ -17,7 +17,7 @@ from craft.errors import UserError
 from craft.testing import save_tiny_model
 
 sys.path.insert(0, str(REPO / "bench"))
-from craft_overhead import peak_allocated_bytes  # noqa: E402
+from engine_memory import allocated_peak_bytes  # noqa: E402
 
 SHAPES = [  # sequence length, vocabulary, rank, checkpointing, chunk_size, and a few other keys
     dict(seq=256, vocab=4096, rank=8, checkpointing="false", chunk=0),
@@ -36,14 +36,14 @@ def _distinct_bytes(tensors) -> int:
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"seq{s['seq']}-V{s['vocab']}-r{s['rank']}-{s['checkpointing']}")
 def test_prediction_within_25_percent_of_the_measured_peak(tmp_path, monkeypatch, shape):
     """Measured peak = the bytes the stage's parameters and buffers hold + the peak the first optimizer step adds
-    (torch's CPU allocator, from the profiler's memory events)."""
+    (torch's CPU allocator: every allocation and free the profiler records, in time order)."""
     measured = []
     step = train_module.TrainingRun.step
 
     def measuring_step(self, batches):
         if not measured:
             held = _distinct_bytes([*self.module.parameters(), *self.module.buffers()])
-            measured.append(held + peak_allocated_bytes(lambda: step(self, batches)))
+            measured.append(held + allocated_peak_bytes(lambda: step(self, batches)))
         else:
             step(self, batches)
 
@@ -74,7 +74,7 @@ def test_closed_form_terms_for_llama_8b_control_adapter():
     assert offload.bytes["activations"] == 16 * tokens and offload.host_bytes == 32 * tokens * hidden * 2
     plain = plan(load_config(REPO / "examples/plan/llama8b_control_adapter.toml",
                              ["activation_checkpointing=false", "chunk_size=0"]), read_hf_config(config.model_dir))
-    assert plain.stages[0].bytes["loss"] == tokens * vocab * 8 + tokens * hidden * 6
+    assert plain.stages[0].bytes["loss"] == tokens * vocab * 12 + tokens * hidden * 6
     assert plain.peak - stage.bytes["weights"] > 10 * (stage.total - stage.bytes["weights"])
 
 

@@ -19,6 +19,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from craft.engine.allocator import request_huge_pages
+
+    request_huge_pages()  # before torch is imported: see craft.engine.allocator
     from craft.engine.config import load_config
     from craft.engine.train import train
 

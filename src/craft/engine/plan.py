@@ -23,9 +23,12 @@ Terms (bytes), per stage s:
 * recompute — one layer's working set in backward: A(T) (checkpointing recomputes it) + the gradient transients
   G(T) = T * g * I (g = 6 bytes for adapters, 0.85 b for full fine-tuning; measured likewise). Without
   checkpointing only G(T).
-* loss (last stage) — c = chunk_size tokens (T when chunk_size = 0, or when T is smaller): the chunk's logits and
-  their float32 softmax and gradient, c * V * (2 b + 4 [b < 4] + b [softcap or logit_scale]) bytes (measured:
-  8 bytes per logit in float32 and bf16), plus the normed hidden states and their gradient, T * H * (b + 4).
+* loss (last stage) — chunked (chunk_size = c > 0, c <= T): one chunk's float32 logits, overwritten by their
+  gradient, plus below float32 the model-dtype logits and the gradient cast back: c * V * (4 + 2 b [b < 4]) bytes;
+  plain (chunk_size = 0, c = T): F.cross_entropy's logits, log-softmax and gradient, c * V * 12 bytes. Both measured
+  exactly (every allocation and free in time order, profiler memory records) in float32 and bf16; plus
+  c * V * b with a softcap or logit_scale (an estimate: tanh keeps its output), plus the normed hidden states and
+  their gradient, T * H * (b + 4).
 * buffers — DeepSpeed's pipeline buffers: each in-flight micro-batch's stage output (T * H * b), on stages after
   the first its received input too, and with S > 1 one gradient message T * H * b.
 
@@ -176,7 +179,8 @@ def plan(config: TrainConfig, hf_config, gpus: int | None = None, gpu_memory: fl
         per_micro_batch = {True: len(layers) * hidden_bytes + 16 * tokens, "offload": 16 * tokens,
                            False: len(layers) * activation}[config.activation_checkpointing]
         chunk = tokens if config.chunk_size == 0 else min(config.chunk_size, tokens)
-        loss = chunk * shape.vocab * (2 * b + 4 * (b < 4) + b * shape.scaled_logits) + tokens * shape.hidden * (b + 4)
+        per_logit = 12 if config.chunk_size == 0 else 4 + 2 * b * (b < 4)
+        loss = chunk * shape.vocab * (per_logit + b * shape.scaled_logits) + tokens * shape.hidden * (b + 4)
         plan_s = StagePlan(s, items)
         plan_s.bytes = {
             "weights": weights,

@@ -36,6 +36,7 @@ import torch
 
 from craft.adapters.regularizers import lowrank_frobenius
 from craft.engine import checkpoint as ckpt
+from craft.engine.allocator import configure_cpu_allocator
 from craft.engine.config import TrainConfig
 from craft.engine.data import MicroBatches, load_or_build
 from craft.engine.distributed import (agree_on_errors, all_gather, barrier, broadcast_from_zero, distributed_world,
@@ -289,6 +290,8 @@ def train(config: TrainConfig, resume: str | None = None, show_progress: bool = 
     """Run (or resume) the training described by `config` in this process's place in the world; returns the
     summary (on every rank). `resume`: None, "latest", or a checkpoint directory. Unless `verbose`, what
     third-party libraries print while the run is set up is discarded (`craft.quiet`)."""
+    if not torch.cuda.is_available():
+        configure_cpu_allocator()  # glibc would keep freed activations resident: craft.engine.allocator
     # Fail before anything is written (the dataset cache included) on every mistake found without training.
     hf_config = read_hf_config(config.model_dir, config.sequence_len)
     config.layer_indices(hf_config.num_hidden_layers)
