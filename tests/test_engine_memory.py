@@ -124,12 +124,39 @@ def test_chunked_loss_equals_the_plain_loss_with_ignored_tokens():
     with torch.no_grad():  # evaluation: chunks only summed
         torch.testing.assert_close(causal_lm_loss(hidden, labels, lambda h: torch.tanh(h @ weight.T / 3) * 3, 4,
                                                   [weight]), plain[0], atol=1e-6, rtol=1e-5)
+    def tanh_head(h):  # tanh keeps its output (the logits) for backward: the chunk must not overwrite them
+        return torch.tanh(h @ weight.T / 3)
+
+    hidden.grad = weight.grad = None
+    causal_lm_loss(hidden, labels, tanh_head, 4, [weight]).backward()
+    chunked = hidden.grad.clone(), weight.grad.clone()
+    hidden.grad = weight.grad = None
+    causal_lm_loss(hidden, labels, tanh_head, 0).backward()
+    for ours, theirs in zip(chunked, (hidden.grad, weight.grad)):
+        torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=1e-5)
     head = torch.nn.Linear(8, 50, bias=False)  # a module: its parameters are found without being named
     head.weight.data.copy_(weight.detach())
     hidden.grad = None
     causal_lm_loss(hidden, labels, head, 4).backward()
     reference_weight = torch.autograd.grad(causal_lm_loss(hidden, labels, lambda h: h @ weight.T, 0), weight)[0]
     torch.testing.assert_close(head.weight.grad, reference_weight, atol=1e-6, rtol=1e-5)
+
+
+def test_chunked_loss_in_bfloat16_equals_the_plain_loss():
+    """bf16 logits: the chunk's float32 copy holds the softmax gradient, cast back to bf16 as autograd would."""
+    torch.manual_seed(0)
+    hidden = torch.randn(2, 12, 16, dtype=torch.bfloat16, requires_grad=True)
+    weight = torch.randn(300, 16, dtype=torch.bfloat16, requires_grad=True)
+    labels = torch.randint(0, 300, (2, 12))
+    labels[0, :3] = -100
+    results = []
+    for chunk_size in (0, 5):
+        hidden.grad = weight.grad = None
+        loss = causal_lm_loss(hidden, labels, lambda h: h @ weight.T, chunk_size, [weight])
+        loss.backward()
+        results.append((loss.detach(), hidden.grad.float(), weight.grad.float()))
+    for ours, theirs in zip(results[1], results[0]):
+        torch.testing.assert_close(ours, theirs, atol=2e-2, rtol=2e-2)
 
 
 class SavedBytes(torch.autograd.graph.saved_tensors_hooks):

@@ -13,12 +13,12 @@ What. `configure_cpu_allocator()` (called by `train()` when torch has no CUDA de
 `MMAP_THRESHOLD` = 1 MiB, which also turns the dynamic adjustment off, and sets `M_TRIM_THRESHOLD` to 0, so freed
 large blocks leave the process at once and the heap keeps only small ones. The same run then grows by 0.03 GiB.
 
-Cost, and how `craft train` avoids it. A fresh `mmap` is faulted in page by page: with 4 KiB pages a 4096-token step
-took ~15-20 % more CPU time (kernel time). torch can back its large CPU tensors with 2 MiB
-transparent huge pages (`THP_MEM_ALLOC_ENABLE=1`: 2 MiB alignment and `madvise(MADV_HUGEPAGE)` for blocks of at
-least 2 MiB), which makes the faults 512x fewer; with both, the step took the CPU time of the untuned allocator
-(13.6 vs 13.7 s) at 0.89 instead of 1.96 GiB peak. torch reads that variable once, at its first allocation, so
-`request_huge_pages()` sets it (unless the user did) before torch is imported: the `craft train` command does;
+Cost, and how `craft train` avoids it. A fresh `mmap` is faulted in page by page: with 4 KiB pages a forward +
+backward of the same model's pipeline items at 4096 tokens (one thread) took ~15-20 % more CPU time (kernel time).
+torch can back its large CPU tensors with 2 MiB transparent huge pages (`THP_MEM_ALLOC_ENABLE=1`: 2 MiB alignment
+and `madvise(MADV_HUGEPAGE)` for blocks of at least 2 MiB), which makes the faults 512x fewer; with both, it took
+the CPU time of the untuned allocator (13.6 vs 13.7 s) at a resident peak of 0.89 instead of 1.96 GiB. torch reads
+that variable once, at its first allocation, so `request_huge_pages()` sets it (unless the user did) before torch is imported: the `craft train` command does;
 a program calling `craft.engine.train.train` itself must set `THP_MEM_ALLOC_ENABLE=1` before importing torch to
 get it. Without huge pages the threshold is still set (the resident peak is what makes a run fit).
 

@@ -9,8 +9,8 @@ with z_t = head(hidden_t) the logits (lm_head, then Cohere's logit_scale or Gemm
 then float32 for the softmax) — the value of HF's `ForCausalLMLoss`. With no counted token it is 0/0 = nan, as there.
 
 * `chunk_size = 0`: the plain loss (`F.cross_entropy` on all logits). All B*S*V logits exist at once, in the model
-  dtype and again in float32, and the backward pass holds a few more float32 copies: about 8 bytes per logit at
-  the peak in float32 (4 GiB at S = 4096 and a 128256-token vocabulary).
+  dtype and again in float32, and the backward pass holds more float32 copies: 12 bytes per logit at the peak in
+  float32 and bf16 (6.3 GB at S = 4096 and a 128256-token vocabulary).
 * `chunk_size = c > 0`: only the positions that have a target are computed (padding and the last position cost
   nothing), c at a time. In the forward pass each chunk's logits z (c, V) are computed, and with them, in place,
   the gradient of the summed NLL with respect to them,
@@ -36,8 +36,8 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-# 256 tokens x 128256 (Llama 3 vocabulary) x 4 bytes = 131 MB per float32 copy of a chunk's logits: 1/32 of the
-# plain loss's 8 bytes per logit at 4096 tokens and 1/256 at 32768, while a (256 x H) @ (H x V) matmul still keeps a
+# 256 tokens x 128256 (Llama 3 vocabulary) x 4 bytes = 131 MB per float32 copy of a chunk's logits: 1/48 of the
+# plain loss's 12 bytes per logit at 4096 tokens and 1/384 at 32768, while a (256 x H) @ (H x V) matmul still keeps a
 # GPU busy. On CPU, 512 and 1024 tokens per chunk ran no faster (1 thread, 1024 tokens, hidden 256).
 DEFAULT_CHUNK_SIZE = 256
 
@@ -53,13 +53,15 @@ def _chunk_nll(logits_fn: Callable, hidden: torch.Tensor, targets: torch.Tensor)
 
 
 @torch.no_grad()
-def nll_and_logit_grad_(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def nll_and_logit_grad_(logits: torch.Tensor, targets: torch.Tensor, overwrite: bool = True
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed NLL of logits (n, V) against targets (n,) (none ignored), and d(NLL)/d(logits) = softmax - onehot.
 
-    The float32 logits are overwritten by the gradient (a model-dtype tensor is first copied to float32, and the
-    gradient cast back): no (n, V) temporary is allocated. Returns (scalar float32, gradient in logits' dtype).
+    With `overwrite`, float32 logits are overwritten by the gradient (a model-dtype tensor is first copied to
+    float32, and the gradient cast back): no (n, V) temporary is allocated. Returns (scalar float32, gradient in
+    logits' dtype).
     """
-    z = logits.float()
+    z = logits.float() if overwrite or logits.dtype != torch.float32 else logits.clone()
     rows = torch.arange(z.shape[0], device=z.device)
     picked = z[rows, targets]
     m = z.amax(dim=1, keepdim=True)
@@ -82,9 +84,12 @@ class _ChunkedNLL(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for index in rows.split(chunk_size):
             part = hidden.index_select(0, index).requires_grad_(hidden.requires_grad)
-            with torch.enable_grad():
+            saved = set()  # storages the head's graph keeps for its backward (a head ending in tanh keeps the logits)
+            with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(
+                    lambda t: saved.add(t.untyped_storage().data_ptr()) or t, lambda t: t):
                 logits = logits_fn(part)
-            nll, grad_logits = nll_and_logit_grad_(logits.detach(), targets.index_select(0, index))
+            overwrite = logits.untyped_storage().data_ptr() not in saved
+            nll, grad_logits = nll_and_logit_grad_(logits.detach(), targets.index_select(0, index), overwrite)
             inputs = ([part] if hidden.requires_grad else []) + list(params)
             grads = list(torch.autograd.grad(logits, inputs, grad_logits, allow_unused=True))
             del logits, grad_logits
