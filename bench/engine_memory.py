@@ -19,13 +19,26 @@ timed; at the other lengths one step, for its peak. Configurations:
                offload moves nothing off the device: it shows the cost of the copies);
 * hf         — HF `Trainer` + PEFT LoRA with `activation_checkpointing=True` (it materialises float32 logits).
 
-Each configuration at each length runs in a fresh subprocess, so peaks do not mix. Peak = the process's resident
-high-water mark (`VmHWM`; on CUDA `torch.cuda.max_memory_allocated` instead); step time = the second step's.
+Each configuration at each length runs in a fresh subprocess, so peaks do not mix, with the environment its
+users get (`craft train`'s children: THP_MEM_ALLOC_ENABLE=1 as the `craft train` command sets it, and `train()`'s
+own allocator settings, `craft.engine.allocator`; HF's: none). Two peaks per run:
+* "peak" — on CPU the process's resident high-water mark (`VmHWM`), what the machine must have; on CUDA
+  `torch.cuda.max_memory_allocated`, what matters there (the allocator's reserve comes on top);
+* "tensor peak" — the bytes of the model's parameters and buffers + torch's allocator peak during the first
+  optimizer step (`FirstCallPeak`; on CPU every allocation and free the profiler records, `allocated_peak_bytes`),
+  what `craft plan` predicts.
 A run whose predicted peak (`craft plan`'s tensor bytes + the measured resident size of a process that has
-imported everything), times 1.25, exceeds `--cap-gib` (11 on CPU) is not run and is listed with its prediction, to keep a shared machine up.
+imported everything), times RSS_MARGIN (1.25), exceeds `--cap-gib` (11 on CPU) is not run and is listed with its
+prediction, to keep a shared machine up.
 
-The loss working set is measured apart, in its own subprocess: torch's allocator peak (profiler memory events) of
-one forward + backward of the loss alone at 4096 tokens, chunked ÷ plain.
+Step times come from one more subprocess (`--child timing`): forward + backward of one micro-batch of naive, ckpt,
+ckpt+chunk (the pipeline's items) and HF + PEFT checkpointed, alternated round by round in one process; on CPU
+with one thread and in CPU seconds, which the load of a shared machine moves least, with the FLOPs of a step
+(profiler) against one thread's matmul peak. The full runs' own (wall, multi-threaded) second-step times are printed
+too; offload / checkpointing comes from them.
+
+The loss working set is measured apart, in its own subprocess: torch's allocator peak of one forward + backward of
+the loss alone at 4096 tokens, chunked ÷ plain.
 """
 
 from __future__ import annotations
