@@ -32,8 +32,8 @@ imported everything), times RSS_MARGIN (1.25), exceeds `--cap-gib` (11 on CPU) i
 prediction, to keep a shared machine up.
 
 Step times come from one more subprocess (`--child timing`): forward + backward of one micro-batch of naive, ckpt,
-ckpt+chunk (the pipeline's items) and HF + PEFT checkpointed, alternated round by round in one process; on CPU
-with one thread and in CPU seconds, which the load of a shared machine moves least, with the FLOPs of a step
+ckpt+chunk (the pipeline's items) and HF + PEFT checkpointed, alternated round by round in one process (glibc's
+default allocator settings for both); on CPU with one thread and in CPU seconds, which the load of a shared machine moves least, with the FLOPs of a step
 (profiler) against one thread's matmul peak. The full runs' own (wall, multi-threaded) second-step times are printed
 too; offload / checkpointing comes from them.
 
@@ -235,8 +235,10 @@ def child_timing(config_path: str, length: int, rounds: int) -> dict:
     per configuration. (The optimizer step of a rank-16 LoRA is negligible next to these.)
 
     On CPU: one thread, CPU seconds of the process (what a shared machine's load changes least; wall seconds are
-    kept too), in the allocator settings `craft train` makes (`craft.engine.allocator`, the parent sets
-    THP_MEM_ALLOC_ENABLE=1), which HF's steps here share. Also the FLOPs of one step of each (profiler,
+    kept too), with the C allocator's defaults for both: `craft train`'s settings (`craft.engine.allocator`) would
+    apply to HF's steps in this process too, and their page faults on HF's full-vocabulary logits made HF 1.3x
+    slower (4.25 vs ~3.2 CPU s), which would flatter craft. (With the defaults craft's own steps lose at most the
+    few % the huge pages gave them.) Also the FLOPs of one step of each (profiler,
     `with_flops`: matmuls and attention) and the matmul peak of one thread: CPU seconds of a 2048^3 float32
     matmul. On CUDA: wall seconds after synchronising."""
     import torch
@@ -244,7 +246,6 @@ def child_timing(config_path: str, length: int, rounds: int) -> dict:
     from torch.profiler import ProfilerActivity, profile
     from transformers import AutoModelForCausalLM
 
-    from craft.engine.allocator import configure_cpu_allocator
     from craft.engine.config import load_config
     from craft.engine.model import DTYPES, linear_module_names, load_stage
     from craft.engine.pipeline import sequential_loss
@@ -253,7 +254,6 @@ def child_timing(config_path: str, length: int, rounds: int) -> dict:
     device = "cuda" if cuda else "cpu"
     if not cuda:
         torch.set_num_threads(1)
-        configure_cpu_allocator()
     config = load_config(config_path, [f"sequence_len={length}"])
     stage = load_stage(config, 0, 1)
     if cuda:  # the stage's own modules (the HF model's unused ones stay on the meta device)
@@ -324,12 +324,12 @@ def child_baseline() -> dict:
 
 
 def run_child(*args: str) -> dict:
-    """Run `--child ARGS` in a fresh interpreter. `craft train`'s children (and the timing one) get the
-    THP_MEM_ALLOC_ENABLE=1 the `craft train` command sets before torch is imported (craft.engine.allocator); the
-    others run in the environment a user's program would have."""
+    """Run `--child ARGS` in a fresh interpreter. `craft train`'s children get the THP_MEM_ALLOC_ENABLE=1 the
+    `craft train` command sets before torch is imported (craft.engine.allocator); the others run in the
+    environment a user's program would have."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     env.pop("THP_MEM_ALLOC_ENABLE", None)
-    if args[0] in ("craft", "timing"):
+    if args[0] == "craft":
         env["THP_MEM_ALLOC_ENABLE"] = "1"
     result = subprocess.run([sys.executable, __file__, "--child", *args], capture_output=True, text=True, env=env)
     if result.returncode != 0:
@@ -440,7 +440,7 @@ def summarize(results: dict, loss: dict, timing: dict, timed: int) -> None:
                            "the loss's forward + backward alone)")
     seconds, wall, clock = timing["seconds"], timing["wall"], timing["clock"]
     how = (f"{clock} seconds of forward + backward, 1 thread, alternated in one process (`--child timing`, median "
-           f"of {TIMING_ROUNDS})") if clock == "cpu" else "wall seconds of forward + backward, alternated in one process"
+           f"of {TIMING_ROUNDS}, glibc's default allocator settings for both)") if clock == "cpu" else "wall seconds of forward + backward, alternated in one process"
 
     def detail(a, b):
         return f"{seconds[a]:.2f} vs {seconds[b]:.2f} s ({how}; wall {wall[a]:.2f} vs {wall[b]:.2f} s)"
