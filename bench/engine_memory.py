@@ -412,6 +412,13 @@ def main() -> None:
     summarize(results, loss, timing, timed)
 
 
+def summarize_json(path: str, timed: int = 1024) -> None:
+    """Print the RESULT lines again from a `--results-json` file (JSON keys are strings)."""
+    data = json.loads(Path(path).read_text())
+    results = {name: {int(n): r for n, r in by_length.items()} for name, by_length in data["results"].items()}
+    summarize(results, data["loss"], data["timing"], timed)
+
+
 def summarize(results: dict, loss: dict, timing: dict, timed: int) -> None:
     def peak(name, length, kind="peak"):
         return results[name].get(length, {}).get(kind)
@@ -422,12 +429,13 @@ def summarize(results: dict, loss: dict, timing: dict, timed: int) -> None:
         growth = peak("ckpt+chunk", 4096) - peak("ckpt+chunk", 1024)
         report(f"craft train peak growth 1024 -> 4096 tokens / one float32 copy of the extra tokens' logits"
                f"{tensor_note}", growth / logits_copy, "<= 0.15",
-               f"+{growth / 2**20:.0f} MiB vs {logits_copy / 2**20:.0f} MiB ({peak('ckpt+chunk', 1024) / GIB:.2f} -> "
-               f"{peak('ckpt+chunk', 4096) / GIB:.2f} GiB {PEAK_NAME}); checkpointing + chunked loss, vocab {VOCAB}")
+               f"{growth / 2**20:+.0f} MiB vs {logits_copy / 2**20:.0f} MiB ({peak('ckpt+chunk', 1024) / GIB:.2f} -> "
+               f"{peak('ckpt+chunk', 4096) / GIB:.2f} GiB {PEAK_NAME}); checkpointing + chunked loss, vocab {VOCAB}; "
+               f"the {timed}-token run makes {STEPS} optimizer steps, the others 1")
         if not _cuda():
             grown = peak("ckpt+chunk", 4096, "tensor_peak") - peak("ckpt+chunk", 1024, "tensor_peak")
             report("craft train peak growth 1024 -> 4096 tokens / one float32 logits copy (torch tensor bytes)",
-                   grown / logits_copy, "<= 0.15", f"+{grown / 2**20:.0f} MiB: parameters and buffers + torch's "
+                   grown / logits_copy, "<= 0.15", f"{grown / 2**20:+.0f} MiB: parameters and buffers + torch's "
                    "allocator peak of the first optimizer step (`allocated_peak_bytes`)")
     if peak("naive", 4096) and peak("naive", 1024):
         naive_growth = peak("naive", 4096) - peak("naive", 1024)
