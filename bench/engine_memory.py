@@ -74,10 +74,15 @@ def _status_bytes(field: str) -> int:
         return next(int(line.split()[1]) * 1024 for line in handle if line.startswith(field))
 
 
+_CUDA_PEAK_BEFORE_RESET = 0  # `_allocator_peak` resets CUDA's peak statistics; the process peak keeps this
+
+
 def _peak_bytes() -> int:
     import torch
 
-    return torch.cuda.max_memory_allocated() if torch.cuda.is_available() else _status_bytes("VmHWM:")
+    if torch.cuda.is_available():
+        return max(_CUDA_PEAK_BEFORE_RESET, torch.cuda.max_memory_allocated())
+    return _status_bytes("VmHWM:")
 
 
 def setup(root: Path) -> Path:
@@ -164,6 +169,8 @@ def _allocator_peak(region) -> int:
     import torch
 
     if torch.cuda.is_available():
+        global _CUDA_PEAK_BEFORE_RESET
+        _CUDA_PEAK_BEFORE_RESET = max(_CUDA_PEAK_BEFORE_RESET, torch.cuda.max_memory_allocated())
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
         region()
