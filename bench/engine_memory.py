@@ -54,7 +54,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, report  # noqa: E402
+from common import allocated_peak_bytes, machine, report  # noqa: E402
 
 HIDDEN, LAYERS, VOCAB, STEPS = 256, 8, 128256, 2
 from engine_throughput import ALPHA, RANK  # noqa: E402  (the same LoRA as the throughput benchmark)
@@ -142,27 +142,6 @@ class FirstCallPeak:
             return box[0]
 
         setattr(owner, method, measured)
-
-
-def allocated_peak_bytes(region) -> int:
-    """Peak of the bytes held by torch's CPU allocator during `region()`, above what was held before it: the running
-    sum of every allocation and free the profiler records (its `[memory]` records, in time order).
-
-    (Summing the ops' `self_cpu_memory_usage` in the order the ops start, as `craft_overhead.peak_allocated_bytes`
-    does, books a free made by an enclosing op, e.g. a custom autograd function freeing its chunk's logits, before
-    the allocations of the ops inside it: the chunked loss's peak read 4 MB instead of 133 MB.)"""
-    from torch._C._autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        region()
-    records = sorted((event.start_ns(), event.nbytes()) for event in prof.profiler.kineto_results.events()
-                     if event.name() == "[memory]" and event.device_type() == DeviceType.CPU)
-    running = peak = 0
-    for _, nbytes in records:
-        running += nbytes
-        peak = max(peak, running)
-    return peak
 
 
 def _allocator_peak(region) -> int:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import pytest
 from test_engine_fixtures import REPO, basic_setup
@@ -17,7 +16,7 @@ from craft.errors import UserError
 from craft.testing import save_tiny_model
 
 sys.path.insert(0, str(REPO / "bench"))
-from engine_memory import allocated_peak_bytes  # noqa: E402
+from common import allocated_peak_bytes  # noqa: E402
 
 SHAPES = [  # sequence length, vocabulary, rank, checkpointing, chunk_size, and a few other keys
     dict(seq=256, vocab=4096, rank=8, checkpointing="false", chunk=0),
