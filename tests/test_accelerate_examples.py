@@ -40,18 +40,64 @@ def test_config_parses_and_names_its_engine(name, monkeypatch):
     assert f"examples/accelerate/{name}.yaml" in (REPO / "docs" / "craft_scale.md").read_text()
 
 
-@pytest.mark.slow
-def test_example_script_trains_under_the_ddp_config_on_two_cpu_processes(tmp_path):
+def _launch(tmp_path, config: str, *launch_options: str, script_options=()):
+    """The documented CPU launch: no `--cpu` (accelerate would start one plain process), 2 gloo ranks."""
     accelerate = Path(sys.executable).with_name("accelerate")
-    command = [str(accelerate), "launch", "--config_file", "examples/accelerate/ddp.yaml", "--cpu",
+    command = [str(accelerate), "launch", "--config_file", f"examples/accelerate/{config}.yaml",
                "--num_processes", "2", "--mixed_precision", "no", "--main_process_port", str(free_port()),
-               "examples/accelerate/train_craft.py", "--max_steps", "2", "--output_dir", str(tmp_path / "out")]
+               *launch_options, "examples/accelerate/train_craft.py", "--max_steps", "2",
+               "--output_dir", str(tmp_path / "out"), *script_options]
     env = {**os.environ, **MULTIPROCESS_ENV, "PYTHONPATH": os.pathsep.join([str(REPO / "src"),
                                                                            os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_example_script_trains_under_the_ddp_config_on_two_cpu_processes(tmp_path):
+    proc = _launch(tmp_path, "ddp")
     assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "train_craft.py: engine ddp, 2 process(es), cpu" in proc.stdout  # two ranks, not one plain process
     assert (tmp_path / "out" / "craft_state.pt").is_file()
     assert (tmp_path / "out" / "config.json").is_file()
+
+
+@pytest.mark.slow
+def test_example_script_under_fsdp2_on_cpu_saves_a_plain_hf_model(tmp_path):
+    """FSDP2 on CPU keeps sharded state dicts, under which the host Trainer's save_model writes no model at all;
+    CRAFT gathers it (CRAFTSFTTrainer.save_model), so plain transformers loads it."""
+    from transformers import AutoModelForCausalLM
+
+    proc = _launch(tmp_path, "fsdp2", "--fsdp_state_dict_type", "SHARDED_STATE_DICT")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "train_craft.py: engine fsdp2, 2 process(es), cpu" in proc.stdout
+    model, info = AutoModelForCausalLM.from_pretrained(tmp_path / "out", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    assert (tmp_path / "out" / "craft_state.pt").is_file()
+
+
+@pytest.mark.parametrize("environ, message", [
+    ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_CONFIG_FILE": "missing/zero2.json"},
+     "deepspeed_config_file 'missing/zero2.json' does not exist"),
+    ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"}, "fsdp_version 1 cannot run CRAFT"),
+    ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}, "fsdp2 on CPU needs fsdp_state_dict_type"),
+])
+def test_launch_environment_mistakes_are_one_user_error(environ, message):
+    from craft.engines import check_launch_environment
+    from craft.errors import UserError
+
+    with pytest.raises(UserError, match=message):
+        check_launch_environment(environ, accelerator_available=False)
+
+
+def test_launch_environment_of_the_shipped_configs_passes(monkeypatch):
+    from craft.engines import check_launch_environment
+
+    monkeypatch.chdir(REPO)
+    check_launch_environment({"ACCELERATE_USE_DEEPSPEED": "true",
+                              "ACCELERATE_DEEPSPEED_CONFIG_FILE": "examples/accelerate/zero3.json"}, False)
+    check_launch_environment({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2",
+                              "FSDP_STATE_DICT_TYPE": "SHARDED_STATE_DICT"}, False)
+    check_launch_environment({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"}, True)  # GPU: accelerate's call
 
 
 def test_fsdp2_on_cpu_refuses_full_state_dicts_before_training():

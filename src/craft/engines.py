@@ -77,6 +77,36 @@ def check_engine_support(trainer) -> None:
                         "run outside DeepSpeed's loss scaler; use bf16 or fp32")
 
 
+def check_launch_environment(environ=None, accelerator_available: bool | None = None) -> None:
+    """A `UserError` for an ``accelerate launch`` engine setting that fails later with someone else's traceback,
+    read from the variables accelerate passes to each rank; call it before building the training arguments
+    (accelerate's FSDP1 plugin and DeepSpeed's config parsing run there).
+
+    * a DeepSpeed config file that does not exist (``deepspeed_config_file``): DeepSpeed would try to read the path
+      as base64-encoded JSON and fail with a JSONDecodeError;
+    * FSDP version 1 without a GPU: accelerate raises "no available devices" (and CRAFT cannot run FSDP1 anyway);
+    * FSDP2 without a GPU with a full state dict (`enable_cpu_fsdp2` explains why), before any work is done.
+    """
+    environ = os.environ if environ is None else environ
+    if accelerator_available is None:
+        accelerator_available = torch.cuda.is_available()
+    if environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        path = environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+        if path and path != "None" and not os.path.isfile(path):
+            where = "" if os.path.isabs(path) else f" (relative to {os.getcwd()}, where accelerate launch ran)"
+            raise UserError(f"deepspeed_config_file {path!r} does not exist{where}")
+    if environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and not accelerator_available:
+        version = environ.get("FSDP_VERSION", "1")
+        if version != "2":
+            raise UserError(f"fsdp_version {version} cannot run CRAFT, and not on CPU at all: FSDP version 1 "
+                            "flattens parameters that exist only inside the wrapped forward; use fsdp_version: 2")
+        if "FULL_STATE_DICT" in environ.get("FSDP_STATE_DICT_TYPE", "FULL_STATE_DICT"):
+            raise UserError("fsdp2 on CPU needs fsdp_state_dict_type SHARDED_STATE_DICT (accelerate launch "
+                            "--fsdp_state_dict_type SHARDED_STATE_DICT): a full state dict is gathered by torch's "
+                            "get_model_state_dict(cpu_offload=True), which returns unusable tensors when the shards "
+                            "already live on the CPU")
+
+
 def prepare_objective(engine: str, objective) -> None:
     """Before the engine wraps the model: on ZeRO-3 the objective is one leaf module (module docstring), so every
     call of it gathers all its parameters, which its submodules use outside their own forward."""

@@ -367,8 +367,14 @@ class CRAFTTrainerMixin(CRAFTLoggingMixin, CRAFTBatchKeysMixin, CRAFTLoadersMixi
         self._craft_state_written = False
         try:
             super().save_model(output_dir, _internal_call)
-            if self._craft_full_tensors is not None and not self._craft_state_written:  # FSDP's sharded state dict
-                self._craft_write_state(output_dir, self._craft_full_tensors)  # does not reach _save
+            if self._craft_full_tensors is not None and not self._craft_state_written:  # FSDP's sharded state dict:
+                # the host writes no model at all there, so the plain HF model is gathered here (a collective,
+                # `DTensor.full_tensor` on every rank) and saved with `craft_state.pt` by `_save` on rank 0
+                state = full_state_dict(engine, self.model)
+                if self.args.should_save:
+                    self._save(output_dir, state_dict=state)
+                else:
+                    self._craft_write_state(output_dir, self._craft_full_tensors)
         finally:
             self._craft_full_tensors = None
 
