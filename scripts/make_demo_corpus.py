@@ -11,6 +11,10 @@ one of three registers:
 
 Because the plot is shared, a model can only tell the registers apart by style, which is exactly what a
 Control Adapter trained with +1 on one register and −1 on the other should learn to steer.
+
+``craft_pairs/{train,heldout}.jsonl`` (for `make demo-craft`; in their own folder, so the ``*_train.jsonl`` glob of
+examples/full_finetune.toml does not take them) hold one plot told twice: ``plain`` (neutral) and ``pirate``; a
+representation that knows the plot retrieves one from the other.
 """
 
 from __future__ import annotations
@@ -63,11 +67,15 @@ STYLES = {
 }
 
 
-def story(style: str, rng: random.Random) -> str:
-    voice = STYLES[style]
+def plot(rng: random.Random) -> dict[str, str]:
     who = rng.choice(PEOPLE)
-    fill = dict(who=who, where=rng.choice(PLACES), thing=rng.choice(THINGS), event=rng.choice(EVENTS),
+    return dict(who=who, where=rng.choice(PLACES), thing=rng.choice(THINGS), event=rng.choice(EVENTS),
                 ending=rng.choice(ENDINGS))
+
+
+def story(style: str, rng: random.Random, fill: dict[str, str] | None = None) -> str:
+    voice = STYLES[style]
+    fill = plot(rng) if fill is None else fill
     body = [voice["went"], voice["found"], voice["event"], voice["end"]]
     sentences = [rng.choice(voice["open"])] + [s.format(**fill) for s in body] + [rng.choice(voice["close"])]
     return " ".join(s[0].upper() + s[1:] for s in sentences)
@@ -82,7 +90,15 @@ def main() -> None:
             rows = [{"text": story(style, rng)} for _ in range(n)]
             with open(OUT / f"{style}_{split}.jsonl", "w") as f:
                 f.writelines(json.dumps(row) + "\n" for row in rows)
-    print(f"wrote {len(sizes) * len(STYLES)} files to {OUT}")
+    # `make demo-craft`: the same plot told plainly (anchor) and by a pirate (positive)
+    for split_index, (split, n) in enumerate({"train": 256, "heldout": 64}.items()):
+        rng = random.Random(5000 + split_index)
+        (OUT / "craft_pairs").mkdir(exist_ok=True)
+        with open(OUT / "craft_pairs" / f"{split}.jsonl", "w") as f:
+            for _ in range(n):
+                fill = plot(rng)
+                f.write(json.dumps({"plain": story("neutral", rng, fill), "pirate": story("pirate", rng, fill)}) + "\n")
+    print(f"wrote {len(sizes) * len(STYLES) + 2} files to {OUT}")
 
 
 if __name__ == "__main__":

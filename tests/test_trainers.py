@@ -423,16 +423,6 @@ def test_eval_loss_is_the_plain_sft_loss(tmp_path):
     assert not math.isclose(metrics["eval_loss"], 0.3 * float(expected), rel_tol=1e-3)
 
 
-def test_demo_table_lists_the_logged_craft_terms():
-    from craft.demo_craft import format_table
-
-    table = format_table([{"step": 2, "loss/craft_total": 1.25, "loss/craft_sft": 2.0, "loss": 1.25},
-                          {"train_runtime": 3.0}])
-    header, rule, row = table.splitlines()
-    assert header.split() == ["step", "sft", "contrast", "total", "acc", "consist", "temp"]
-    assert row.split() == ["2", "2.0000", "-", "1.2500", "-", "-", "-"]
-
-
 def test_train_loader_set_epoch_reaches_distributed_samplers():
     from torch.utils.data import DataLoader, DistributedSampler
 
