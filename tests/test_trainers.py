@@ -500,3 +500,28 @@ def test_two_process_ddp_gradient_is_the_global_objective_and_ranks_agree(tmp_pa
         assert [b["craft_batch_type"] for b in union] == ["sft", "craft"] * 2
         assert not torch.equal(ranks[0]["windows"][0]["input_ids"], ranks[1]["windows"][0]["input_ids"])  # sharded
         _assert_relative_close(ranks[0]["gradient"], _reference_global_gradient(trainer, union, 0.3))
+
+
+def test_logs_tokens_per_second_of_every_micro_batch(tmp_path, monkeypatch):
+    """craft/tokens_per_second = the interval's tokens (`batch_tokens` of each micro-batch, SFT and contrastive) /
+    its wall seconds; a fake clock makes every interval last 1 s, so the logged rates sum to all tokens fed."""
+    import itertools
+
+    from craft import trainer_logging
+    from craft.trainer_logging import batch_tokens
+
+    clock = itertools.count()
+    monkeypatch.setattr(trainer_logging, "perf_counter", lambda: float(next(clock)))
+    trainer = _trainer("paired_dataset", output_dir=str(tmp_path), gradient_accumulation_steps=2, max_steps=3,
+                       craft_beta=0.5, logging_steps=1)
+    fed = []
+    count = trainer._craft_count_tokens
+    monkeypatch.setattr(trainer, "_craft_count_tokens", lambda batch: (fed.append(batch_tokens(batch)), count(batch)))
+    trainer.train()
+    rates = _logged(trainer, "craft/tokens_per_second")
+    assert len(rates) == 3 and len(fed) == 6 and min(fed) > 0
+    assert sum(rates) == pytest.approx(sum(fed))
+    assert batch_tokens({"input_ids": torch.ones(2, 5), "attention_mask": torch.tensor([[1, 1, 1, 0, 0], [1] * 5]),
+                         "input_ids_tgt": torch.ones(2, 3), "position_ids": torch.ones(2, 5)}) == 8 + 6
+    assert batch_tokens({"prompt_ids": torch.ones(2, 4), "prompt_mask": torch.ones(2, 4),
+                         "completion_ids": torch.ones(2, 3), "completion_mask": torch.tensor([[1, 0, 0], [1, 1, 0]])}) == 11

@@ -138,6 +138,8 @@ def test_wrapper_logged_loss_is_the_optimised_objective(kind, tmp_path):
         assert contrast > 0.1  # the InfoNCE part is far from negligible: leaving it out would show
         assert entry["loss/craft_total"] == pytest.approx(0.7 * host + 0.3 * contrast, rel=1e-6)
         assert entry["loss"] == pytest.approx(entry["loss/craft_total"], rel=1e-5, abs=1e-6)
+        # Throughput of the host's tokenised batches and the contrastive ones; GRPO / RLOO get raw prompts.
+        assert (entry.get("craft/tokens_per_second", 0) > 0) == (kind not in ("GRPO", "RLOO"))
 
 
 @pytest.mark.parametrize("key, value", [("craft_beta_mode", "auto"), ("craft_length_strategy", "cap"),

@@ -5,12 +5,15 @@ sum / its SFT tokens, ``loss/craft_contrast`` = the mean InfoNCE of its contrast
 ``alpha · sft + (1 - alpha) · contrast`` (terms that are absent count 0), the effective task weights
 ``balancing/craft_weight_*``, and (``craft_report_metrics``) ``metrics/craft_contrastive_accuracy``,
 ``metrics/craft_representation_consistency``, ``metrics/craft_temperature``. Values are averaged over the
-Trainer's logging interval.
+Trainer's logging interval. ``craft/tokens_per_second`` is this rank's throughput over the interval: the tokens it
+fed the model (`batch_tokens`) per wall second (not logged for hosts whose batches are raw prompts: GRPO, RLOO).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
+from time import perf_counter
 
 import torch
 
@@ -19,6 +22,27 @@ from craft.balancing_step import CONTRASTIVE_TASK, SFT_TASK
 from craft.metrics import contrastive_accuracy
 
 logger = logging.getLogger("craft.trainers")
+
+
+_NOT_TOKENS = ("position_ids", "token_type_ids")
+
+
+def batch_tokens(batch) -> int | None:
+    """Tokens a micro-batch feeds the model, over every token column: ``*input_ids`` (anchors, ``*_tgt``
+    positives, DPO's chosen / rejected) and ``*_ids`` (GRPO's prompt / completion), each counted by the ones of its
+    mask (``attention_mask`` twin, ``*_mask``), or by its size where it has none (a packed batch). None for a batch
+    that is not a dict of columns (GRPO / RLOO get raw prompts, tokenised later by generation)."""
+    if not isinstance(batch, Mapping):
+        return None
+    total = 0
+    for key, ids in batch.items():
+        base = key.removesuffix("_tgt")
+        if base in _NOT_TOKENS or not base.endswith("_ids") or not isinstance(ids, torch.Tensor):
+            continue
+        twin = key.replace("input_ids", "attention_mask") if "input_ids" in key else base[:-len("_ids")] + "_mask"
+        mask = batch.get(twin)
+        total += int(mask.sum()) if isinstance(mask, torch.Tensor) else ids.numel()
+    return total
 
 
 class WindowLog:
@@ -103,10 +127,25 @@ class CRAFTLoggingMixin:
         pending = {name: sum(values) / len(values) for name, values in self._craft_logs.items() if values}
         return {**latest, **pending}
 
+    def _craft_count_tokens(self, batch) -> None:
+        """Add a micro-batch's tokens to this logging interval's count (the clock starts at the first one)."""
+        if getattr(self, "_craft_interval_start", None) is None:
+            self._craft_interval_start, self._craft_interval_tokens = perf_counter(), 0
+        tokens = batch_tokens(batch)
+        # An uncountable batch makes the interval's rate unknown: it is not logged rather than undercounted.
+        self._craft_interval_tokens = None if tokens is None or self._craft_interval_tokens is None else (
+            self._craft_interval_tokens + tokens)
+
     def log(self, logs, start_time=None):
-        """Trainer logs plus the CRAFT terms averaged over the logging interval (training logs only)."""
+        """Trainer logs plus the CRAFT terms averaged over the logging interval and this rank's tokens per second
+        (training logs only)."""
         if "loss" in logs and self._craft_logs:
             self._craft_latest_logs = {name: sum(values) / len(values) for name, values in self._craft_logs.items()}
             logs.update(self._craft_latest_logs)
             self._craft_logs.clear()
+        start = getattr(self, "_craft_interval_start", None)
+        if "loss" in logs and start is not None:
+            if self._craft_interval_tokens is not None:
+                logs["craft/tokens_per_second"] = self._craft_interval_tokens / max(perf_counter() - start, 1e-9)
+            self._craft_interval_start = None
         return super().log(logs, start_time)

@@ -293,6 +293,7 @@ class CRAFTTrainerMixin(CRAFTLoggingMixin, CRAFTBatchKeysMixin, CRAFTLoadersMixi
     # ------------------------------------------------------------------------------ optimizer and state
 
     def training_step(self, model, inputs, num_items_in_batch=None):
+        self._craft_count_tokens(inputs)
         if self.craft_balancing.per_task_gradients:
             return self._craft_per_task_training_step(model, inputs, num_items_in_batch)
         return super().training_step(model, inputs, num_items_in_batch)

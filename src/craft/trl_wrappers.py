@@ -162,6 +162,7 @@ class CRAFTAuxiliaryContrastiveMixin(CRAFTTrainerMixin):
         """Forward and backward of one weighted contrastive micro-batch, before the host's own step; returns the
         weighted loss it backpropagated (detached)."""
         batch = self._craft_next_contrastive_batch()
+        self._craft_count_tokens(batch)
         self.craft_objective.train()
         with self.accelerator.no_sync(model):
             loss = self._craft_contrastive_micro_batch_loss(model, batch)
