@@ -107,3 +107,20 @@ def test_detect_available_memory_reads_meminfo():
     with open("/proc/meminfo") as handle:
         available = next(int(line.split()[1]) for line in handle if line.startswith("MemAvailable:"))
     assert detect_available_memory_gb() == pytest.approx(available / 2**20, rel=0.2)
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_presets_give_the_wrapper_configs_the_fixed_schedule_they_run(name, tmp_path):
+    """A preset's auto beta becomes fixed beta / oversample on a preference config (its trainer refuses the
+    automatic keys); the rest of the preset is kept, the SFT config keeps auto beta, and overrides still win."""
+    from craft.config import CRAFTDPOConfig
+
+    args = CRAFTDPOConfig.from_preset(name, output_dir=str(tmp_path), **COMMON)
+    assert (args.craft_beta_mode, args.craft_length_strategy) == ("fixed", "oversample")
+    for key, value in PRESETS[name].items():
+        if key not in ("craft_beta_mode", "craft_length_strategy"):
+            assert getattr(args, key) == value
+    sft = CRAFTSFTConfig.from_preset(name, output_dir=str(tmp_path), **COMMON)
+    assert sft.craft_beta_mode == PRESETS[name]["craft_beta_mode"]
+    explicit = CRAFTDPOConfig.from_preset(name, output_dir=str(tmp_path), craft_beta_mode="auto", **COMMON)
+    assert explicit.craft_beta_mode == "auto"

@@ -177,3 +177,20 @@ def test_self_align_wrapper_needs_a_contrastive_dataset(tmp_path):
     with pytest.raises(UserError, match="needs a separate contrastive_dataset"):
         CRAFTDPOTrainer(model=tiny_model("llama"), ref_model=tiny_model("llama"), args=args, train_dataset=data,
                         processing_class=make_tokenizer(), craft_bundle=bundle)
+
+
+def test_wrapper_trains_from_a_preset_with_auto_beta(tmp_path):
+    """`CRAFTDPOConfig.from_preset("balanced")` (auto beta in the preset) builds a DPO trainer that trains."""
+    from craft.config import CRAFTDPOConfig
+    from craft.trainers import CRAFTDPOTrainer
+
+    args = CRAFTDPOConfig.from_preset("balanced", output_dir=str(tmp_path), per_device_train_batch_size=2,
+                                      max_steps=2, use_cpu=True, report_to=[], bf16=False, save_strategy="no",
+                                      disable_tqdm=True, craft_projection_dim=16, craft_beta=0.5, logging_steps=1)
+    host_data = _host_dataset("DPO")
+    trainer = CRAFTDPOTrainer(model=tiny_model("llama"), ref_model=tiny_model("llama"), args=args,
+                              train_dataset=host_data, processing_class=make_tokenizer(),
+                              craft_bundle=make_craft_datasets(host_data, contrastive_dataset=_pairs(),
+                                                               strategy="paired_dataset"))
+    trainer.train()
+    assert [h["loss/craft_contrast"] > 0 for h in trainer.state.log_history if "loss/craft_contrast" in h] == [True]

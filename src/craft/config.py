@@ -44,6 +44,10 @@ REPORTABLE_METRICS = ("contrastive_accuracy", "representation_consistency", "tem
 class CRAFTConfigMixin:
     """The CRAFT knobs. Mix into a `transformers.TrainingArguments` subclass (it must come first in the bases).
 
+    ``craft_fixed_schedule`` (a class attribute, not a knob) is True on the preference / RL configs: their trainers
+    draw contrastive micro-batches at the fixed rate ``craft_beta`` beside the host's own loader, so presets give
+    them ``craft_beta_mode="fixed"`` and ``craft_length_strategy="oversample"`` (`craft.presets.config_from_preset`).
+
     Knobs (defaults in brackets):
         craft_alpha [0.6]: weight of the SFT loss; the contrastive loss gets `1 - craft_alpha`. In [0, 1].
         craft_beta [0.6]: fraction of micro-batches drawn from the SFT loader; the rest are contrastive. In [0, 1].
@@ -117,6 +121,8 @@ class CRAFTConfigMixin:
         parent_post_init = getattr(super(), "__post_init__", None)
         if parent_post_init is not None:
             parent_post_init()
+
+    craft_fixed_schedule = False  # not annotated: a class attribute, not a dataclass field
 
     @classmethod
     def from_preset(cls, preset: str, output_dir: str = "./outputs", **overrides):
@@ -263,11 +269,15 @@ def _trl_config_class(name: str):
 class CRAFTDPOConfig(CRAFTConfigMixin, _trl_config_class("DPOConfig")):
     """`trl.DPOConfig` plus the CRAFT knobs, for `craft.trainers.CRAFTDPOTrainer`."""
 
+    craft_fixed_schedule = True  # see CRAFTConfigMixin
+
 
 @reject_unknown_craft_keys
 @dataclass
 class CRAFTGRPOConfig(CRAFTConfigMixin, _trl_config_class("GRPOConfig")):
     """`trl.GRPOConfig` plus the CRAFT knobs, for `craft.trainers.CRAFTGRPOTrainer`."""
+
+    craft_fixed_schedule = True  # see CRAFTConfigMixin
 
 
 @reject_unknown_craft_keys
@@ -275,11 +285,15 @@ class CRAFTGRPOConfig(CRAFTConfigMixin, _trl_config_class("GRPOConfig")):
 class CRAFTKTOConfig(CRAFTConfigMixin, _trl_config_class("KTOConfig")):
     """`trl.KTOConfig` plus the CRAFT knobs, for `craft.trainers.CRAFTKTOTrainer`."""
 
+    craft_fixed_schedule = True  # see CRAFTConfigMixin
+
 
 @reject_unknown_craft_keys
 @dataclass
 class CRAFTRLOOConfig(CRAFTConfigMixin, _trl_config_class("RLOOConfig")):
     """`trl.RLOOConfig` plus the CRAFT knobs, for `craft.trainers.CRAFTRLOOTrainer`."""
+
+    craft_fixed_schedule = True  # see CRAFTConfigMixin
 
 
 _LAZY_CONFIGS: dict[str, type] = {}
@@ -300,7 +314,8 @@ def _lazy_config(name: str):
         host = getattr(trl, "PPOConfig", None) or _training_arguments_class()
     doc = f"`{host.__module__}.{host.__name__}` plus the CRAFT knobs."
     return reject_unknown_craft_keys(dataclass(type(name, (CRAFTConfigMixin, host),
-                                                    {"__doc__": doc, "__module__": __name__})))
+                                                    {"__doc__": doc, "__module__": __name__,
+                                                     "craft_fixed_schedule": True})))
 
 
 def __getattr__(name: str):

@@ -34,6 +34,7 @@ from craft.hooks import text_config
 logger = logging.getLogger(__name__)
 
 _AUTO_BETA = {"craft_beta_mode": "auto", "craft_length_strategy": "auto_beta"}
+_FIXED_SCHEDULE = {"craft_beta_mode": "fixed", "craft_length_strategy": "oversample"}
 PRESETS: dict[str, dict] = {
     "minimal": {
         "craft_alpha": 0.8, "craft_gradient_balancing": "none", "craft_learnable_temperature": False,
@@ -94,9 +95,21 @@ def _build(config_cls, output_dir, values: dict):
 def config_from_preset(config_cls, name: str, output_dir: str, **overrides):
     """``config_cls(output_dir=output_dir, **PRESETS[name], **overrides)`` (overrides win).
 
-    An unknown preset or setting is a `UserError` naming it.
+    For the preference / RL configs (``config_cls.craft_fixed_schedule``) the preset's automatic schedule
+    (``craft_beta_mode="auto"``, ``craft_length_strategy="auto_beta"``) becomes ``"fixed"`` / ``"oversample"``:
+    their trainers draw contrastive micro-batches at the fixed rate ``craft_beta`` beside the host's loader and
+    refuse the automatic keys; the preset's other settings apply as they are. Overrides still win (and an explicit
+    automatic key is refused by the trainer). An unknown preset or setting is a `UserError` naming it.
     """
-    return _build(config_cls, output_dir, {**get_preset(name), **overrides})
+    values = get_preset(name)
+    if getattr(config_cls, "craft_fixed_schedule", False):
+        fixed = {key: value for key, value in _FIXED_SCHEDULE.items() if values.get(key, value) != value}
+        if fixed:
+            logger.info("preset %r on %s: %s (the trainer schedules contrastive micro-batches at the fixed rate "
+                        "craft_beta)", name, config_cls.__name__,
+                        ", ".join(f"{key}={value!r}" for key, value in fixed.items()))
+        values.update(fixed)
+    return _build(config_cls, output_dir, {**values, **overrides})
 
 
 # ---------------------------------------------------------------------------------------------- auto

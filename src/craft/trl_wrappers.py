@@ -192,8 +192,7 @@ def check_wrapper_schedule(owner: str, args) -> None:
     (an endless stream: ``craft_length_strategy="oversample"``); a `UserError` naming the key for any other
     schedule setting, instead of ignoring it."""
     fix = ("set craft_beta to the SFT (host) share of micro-batches you want, or use CRAFTSFTTrainer (the presets "
-           "'balanced', 'memory_efficient', 'large_batch' and 'aggressive' set both keys to automatic values: pass "
-           "craft_beta_mode='fixed', craft_length_strategy='oversample' to from_preset)")
+           "give this trainer's config the fixed schedule by themselves)")
     if args.craft_beta_mode != "fixed":
         raise UserError(f"{owner}: craft_beta_mode={args.craft_beta_mode!r} is not supported: the host trainer keeps "
                         "its own data loader, so there are no loader lengths to derive beta from; use "
