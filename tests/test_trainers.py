@@ -516,7 +516,7 @@ def test_logs_tokens_per_second_of_every_micro_batch(tmp_path, monkeypatch):
                        craft_beta=0.5, logging_steps=1)
     fed = []
     count = trainer._craft_count_tokens
-    monkeypatch.setattr(trainer, "_craft_count_tokens", lambda batch: (fed.append(batch_tokens(batch)), count(batch)))
+    monkeypatch.setattr(trainer, "_craft_count_tokens", lambda batch: (fed.append(float(batch_tokens(batch))), count(batch)))
     trainer.train()
     rates = _logged(trainer, "craft/tokens_per_second")
     assert len(rates) == 3 and len(fed) == 6 and min(fed) > 0

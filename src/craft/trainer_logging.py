@@ -27,7 +27,7 @@ logger = logging.getLogger("craft.trainers")
 _NOT_TOKENS = ("position_ids", "token_type_ids")
 
 
-def batch_tokens(batch) -> int | None:
+def batch_tokens(batch) -> int | torch.Tensor | None:
     """Tokens a micro-batch feeds the model, over every token column: ``*input_ids`` (anchors, ``*_tgt``
     positives, DPO's chosen / rejected) and ``*_ids`` (GRPO's prompt / completion), each counted by the ones of its
     mask (``attention_mask`` twin, ``*_mask``), or by its size where it has none (a packed batch). None for a batch
@@ -41,7 +41,8 @@ def batch_tokens(batch) -> int | None:
             continue
         twin = key.replace("input_ids", "attention_mask") if "input_ids" in key else base[:-len("_ids")] + "_mask"
         mask = batch.get(twin)
-        total += int(mask.sum()) if isinstance(mask, torch.Tensor) else ids.numel()
+        # A mask's sum stays a tensor: reading it here would wait for the GPU at every micro-batch (read at log time).
+        total = total + (mask.sum() if isinstance(mask, torch.Tensor) else ids.numel())
     return total
 
 
@@ -146,6 +147,7 @@ class CRAFTLoggingMixin:
         start = getattr(self, "_craft_interval_start", None)
         if "loss" in logs and start is not None:
             if self._craft_interval_tokens is not None:
-                logs["craft/tokens_per_second"] = self._craft_interval_tokens / max(perf_counter() - start, 1e-9)
+                seconds = max(perf_counter() - start, 1e-9)
+                logs["craft/tokens_per_second"] = float(self._craft_interval_tokens) / seconds
             self._craft_interval_start = None
         return super().log(logs, start_time)

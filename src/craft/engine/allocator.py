@@ -18,9 +18,10 @@ backward of the same model's pipeline items at 4096 tokens (one thread) took ~15
 torch can back its large CPU tensors with 2 MiB transparent huge pages (`THP_MEM_ALLOC_ENABLE=1`: 2 MiB alignment
 and `madvise(MADV_HUGEPAGE)` for blocks of at least 2 MiB), which makes the faults 512x fewer; with both, it took
 the CPU time of the untuned allocator (13.6 vs 13.7 s) at a resident peak of 0.89 instead of 1.96 GiB. torch reads
-that variable once, at its first allocation, so `request_huge_pages()` sets it (unless the user did) before torch is imported: the `craft train` command does;
-a program calling `craft.engine.train.train` itself must set `THP_MEM_ALLOC_ENABLE=1` before importing torch to
-get it. Without huge pages the threshold is still set (the resident peak is what makes a run fit).
+that variable once, at its first allocation, so `request_huge_pages()` sets it (unless the user did) before torch
+is imported: the `craft train` command does; a program calling `craft.engine.train.train` itself must set
+`THP_MEM_ALLOC_ENABLE=1` before importing torch to get it. Without huge pages the threshold is still set (the
+resident peak is what makes a run fit).
 
 `CRAFT_CPU_ALLOCATOR=default` in the environment leaves both allocators as they are.
 """
