@@ -142,6 +142,11 @@ def train(options) -> None:
               f"{trainer.args.device.type}", flush=True)
     trainer.train(resume_from_checkpoint=True if options.resume else None)
     trainer.save_model()  # the plain HF model and craft_state.pt (projection head, temperature, queue)
+    trainer.accelerator.end_training()
+    if torch.distributed.is_initialized():
+        # gloo aborts a rank that exits with its process group alive ("terminate called without an active
+        # exception", SIGABRT after the model was written); NCCL warns about the leak.
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
