@@ -103,6 +103,7 @@ def main() -> None:
     options = parse_args()
     try:
         train(options)
+        shut_down()
     except UserError as err:  # one line, from rank 0 (every rank raises the same), status 2
         if os.environ.get("RANK", "0") == "0":
             print(f"train_craft.py: error: {err}", file=sys.stderr, flush=True)
@@ -142,11 +143,27 @@ def train(options) -> None:
               f"{trainer.args.device.type}", flush=True)
     trainer.train(resume_from_checkpoint=True if options.resume else None)
     trainer.save_model()  # the plain HF model and craft_state.pt (projection head, temperature, queue)
-    trainer.accelerator.end_training()
-    if torch.distributed.is_initialized():
-        # gloo aborts a rank that exits with its process group alive ("terminate called without an active
-        # exception", SIGABRT after the model was written); NCCL warns about the leak.
-        torch.distributed.destroy_process_group()
+    for tracker in trainer.accelerator.trackers:  # end_training without its destroy_process_group
+        tracker.finish()
+
+
+def shut_down() -> None:
+    """End a multi-process run without Python's finalization racing gloo's worker threads.
+
+    A worker thread may still be releasing the last collective's tensors when the main thread finalizes; it then
+    needs the GIL, and Python ends the thread from inside a C++ frame: "terminate called without an active
+    exception", SIGABRT, after the model was written (1 launch in 4 on a loaded 2-core machine). Something inside
+    the engine keeps the process group alive past `destroy_process_group`, so its threads are never joined. Hence:
+    every rank meets at a barrier, the group is destroyed, and the process leaves with `os._exit` once the output
+    is flushed. Everything worth keeping (model, craft_state.pt, logs) is already on disk.
+    """
+    if not torch.distributed.is_initialized():
+        return
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
