@@ -48,3 +48,20 @@ def test_deepspeed_launcher_trains_and_a_one_rank_error_prints_once(tmp_path):
     assert f"traceback : {lines[0]}" in output  # torchrun's failure report names the cause (error file)
     assert "exitcode  : -15" not in output  # no rank was killed before it could exit with status 2
     assert str(REPO / "src" / "craft") not in output  # no traceback through craft on any rank
+
+
+@pytest.mark.parametrize("world_size, as_program, leaves", [("2", True, True), ("1", True, False),
+                                                            ("2", False, False)])
+def test_a_launched_process_leaves_without_python_finalization(monkeypatch, world_size, as_program, leaves):
+    """Under a launcher (WORLD_SIZE > 1) the `craft` program ends with os._exit(status): DeepSpeed's process groups
+    outlive destroy_process_group, and their gloo threads racing Python's finalization aborted finished ranks.
+    A caller of craft.cli.main(argv) in-process (or a single process) gets the status back as before."""
+    import craft.cli
+
+    left = []
+    monkeypatch.setenv("WORLD_SIZE", world_size)
+    monkeypatch.setattr(craft.cli, "_run_subcommand", lambda argv: 2)
+    monkeypatch.setattr(craft.cli.os, "_exit", left.append)
+    monkeypatch.setattr(craft.cli.sys, "argv", ["craft", "plan", "x.toml"])
+    assert craft.cli.main(None if as_program else ["plan", "x.toml"]) == 2
+    assert left == ([2] if leaves else [])
