@@ -208,8 +208,9 @@ def main() -> None:
                 torch.save(gathered, os.path.join(out, f"resume-{engine}.pt"))
     if dist.get_rank() == 0:
         torch.save(refused, os.path.join(out, "refused.pt"))
-    dist.barrier()
-    dist.destroy_process_group()
+    from craft.shutdown import end_launched_process
+
+    end_launched_process(0)  # barrier, destroy, and no Python finalization racing the engines' gloo threads
 
 
 if __name__ == "__main__":

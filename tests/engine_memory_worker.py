@@ -25,3 +25,6 @@ if __name__ == "__main__":
         config = load_config(config_path, [f'output_dir="{root}/{name}"', "pipeline_stages=2",
                                            f"activation_checkpointing={checkpointing}", f"chunk_size={chunk_size}"])
         train(config, show_progress=False)
+    from craft.shutdown import end_launched_process
+
+    end_launched_process(0)  # barrier, destroy, and no Python finalization racing DeepSpeed's gloo threads

@@ -88,8 +88,9 @@ def main() -> None:
     if dist.get_rank() == 0:
         with open(os.path.join(out, "result.json"), "w") as handle:
             json.dump(results, handle)
-    dist.barrier()
-    dist.destroy_process_group()  # a clean shutdown: gloo aborts a process that exits with the group alive
+    from craft.shutdown import end_launched_process
+
+    end_launched_process(0)  # barrier, destroy, and no Python finalization racing the engines' gloo threads
 
 
 if __name__ == "__main__":

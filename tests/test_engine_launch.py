@@ -57,11 +57,12 @@ def test_a_launched_process_leaves_without_python_finalization(monkeypatch, worl
     outlive destroy_process_group, and their gloo threads racing Python's finalization aborted finished ranks.
     A caller of craft.cli.main(argv) in-process (or a single process) gets the status back as before."""
     import craft.cli
+    import craft.shutdown
 
     left = []
     monkeypatch.setenv("WORLD_SIZE", world_size)
     monkeypatch.setattr(craft.cli, "_run_subcommand", lambda argv: 2)
-    monkeypatch.setattr(craft.cli.os, "_exit", left.append)
+    monkeypatch.setattr(craft.shutdown.os, "_exit", left.append)
     monkeypatch.setattr(craft.cli.sys, "argv", ["craft", "plan", "x.toml"])
     assert craft.cli.main(None if as_program else ["plan", "x.toml"]) == 2
     assert left == ([2] if leaves else [])

@@ -466,6 +466,8 @@ for mode, settings in {{"plain": {{}}, "gradcache": {{"craft_use_gradcache": Tru
     trainer.train()
     record["final"] = torch.cat([p.detach().flatten() for p in _parameters(trainer)])
     torch.save(record, os.path.join(out, "%s_rank%s.pt" % (mode, os.environ["RANK"])))
+from craft.shutdown import end_launched_process
+end_launched_process(0)
 '''
 
 

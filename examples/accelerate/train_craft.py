@@ -103,11 +103,15 @@ def main() -> None:
     options = parse_args()
     try:
         train(options)
-        shut_down()
     except UserError as err:  # one line, from rank 0 (every rank raises the same), status 2
         if os.environ.get("RANK", "0") == "0":
             print(f"train_craft.py: error: {err}", file=sys.stderr, flush=True)
         sys.exit(UserError.exit_code)
+    if torch.distributed.is_initialized():
+        from craft.shutdown import end_launched_process
+
+        # gloo threads the engine keeps alive could abort a finished rank in Python's finalization (craft.shutdown)
+        end_launched_process(0)
 
 
 def train(options) -> None:
@@ -145,25 +149,6 @@ def train(options) -> None:
     trainer.save_model()  # the plain HF model and craft_state.pt (projection head, temperature, queue)
     for tracker in trainer.accelerator.trackers:  # end_training without its destroy_process_group
         tracker.finish()
-
-
-def shut_down() -> None:
-    """End a multi-process run without Python's finalization racing gloo's worker threads.
-
-    A worker thread may still be releasing the last collective's tensors when the main thread finalizes; it then
-    needs the GIL, and Python ends the thread from inside a C++ frame: "terminate called without an active
-    exception", SIGABRT, after the model was written (1 launch in 4 on a loaded 2-core machine). Something inside
-    the engine keeps the process group alive past `destroy_process_group`, so its threads are never joined. Hence:
-    every rank meets at a barrier, the group is destroyed, and the process leaves with `os._exit` once the output
-    is flushed. Everything worth keeping (model, craft_state.pt, logs) is already on disk.
-    """
-    if not torch.distributed.is_initialized():
-        return
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
 
 
 if __name__ == "__main__":

@@ -91,23 +91,10 @@ def main(argv: list[str] | None = None) -> int:
     """Run one subcommand; `argv` None means the program's own arguments (the `craft` command, `python -m craft`)."""
     code = _run_subcommand(sys.argv[1:] if argv is None else list(argv))
     if argv is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        _leave_launched_process(code)
+        from craft.shutdown import end_launched_process
+
+        end_launched_process(code)  # a launched process leaves without Python's finalization (craft.shutdown)
     return code
-
-
-def _leave_launched_process(code: int) -> None:
-    """End a process of a multi-process launch without Python's finalization.
-
-    DeepSpeed keeps its process groups alive past `destroy_process_group` (a 2-rank `craft train` ends with five
-    groups' gloo worker threads still running), so those threads are never joined. One still releasing the last
-    collective's tensors when Python finalizes needs the GIL, and Python ends it from inside a C++ frame:
-    "terminate called without an active exception", SIGABRT, and the launcher kills the other ranks, after a run
-    that finished and wrote everything. Every file is closed by now (logs, checkpoints, the model), so the process
-    flushes its output and leaves with its status.
-    """
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
 
 
 def _run_subcommand(argv: list[str]) -> int:
