@@ -183,6 +183,13 @@ def is_sharded(engine: str) -> bool:
     return engine == "deepspeed-zero3" or engine.startswith("fsdp")
 
 
+def host_saves_no_model(trainer) -> bool:
+    """Whether transformers' `Trainer.save_model` writes no model for ``trainer``: under FSDP it saves a
+    FULL_STATE_DICT only, and with a sharded one (FSDP2 on CPU, `enable_cpu_fsdp2`) it writes nothing."""
+    return bool(getattr(trainer, "is_fsdp_enabled", False)) and (
+        "FULL_STATE_DICT" not in str(trainer.accelerator.state.fsdp_plugin.state_dict_type))
+
+
 def _cpu_copies(state: dict) -> dict[str, torch.Tensor]:
     full = {key: value.full_tensor() if hasattr(value, "full_tensor") else value for key, value in state.items()}
     return {key: value.detach().cpu().clone() for key, value in full.items()}

@@ -149,9 +149,3 @@ def attach_objective(model: nn.Module, objective: ContrastiveObjective) -> None:
     model.add_module(OBJECTIVE_NAME, objective)
     ignored = set(getattr(model, "_keys_to_ignore_on_save", None) or ())
     model._keys_to_ignore_on_save = ignored | {f"{OBJECTIVE_NAME}.{k}" for k in objective.state_dict()}
-
-
-def objective_tensors(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
-    """The objective's entries of a full model state dict (any prefix before ``craft_objective.``), unprefixed."""
-    marker = OBJECTIVE_NAME + "."
-    return {key.split(marker, 1)[1]: value for key, value in state_dict.items() if marker in key}

@@ -58,12 +58,12 @@ from craft.accumulator import (
 from craft.config import CRAFTConfigMixin
 from craft.collator import CRAFTCollator
 from craft.encoding import hidden_state_capture, with_default_labels
-from craft.engines import (check_engine_support, enable_cpu_fsdp2, engine_name, full_state_dict, is_sharded,
-                           prepare_objective)
+from craft.engines import (check_engine_support, enable_cpu_fsdp2, engine_name, full_state_dict, host_saves_no_model,
+                           is_sharded, prepare_objective)
 from craft.errors import UserError
 from craft.balancing_step import CONTRASTIVE_TASK, SFT_TASK, BalancedScaler
 from craft.hooks import text_config, unwrap_model
-from craft.objective import OBJECTIVE_NAME, ContrastiveObjective, attach_objective, objective_tensors
+from craft.objective import OBJECTIVE_NAME, ContrastiveObjective, attach_objective
 from craft.loader import CRAFTMixedDataLoader
 from craft.trainer_contrastive import CRAFTContrastiveMixin
 from craft.trainer_keys import CRAFTBatchKeysMixin
@@ -361,37 +361,24 @@ class CRAFTTrainerMixin(CRAFTLoggingMixin, CRAFTBatchKeysMixin, CRAFTLoadersMixi
         self.craft_objective.load_craft_state_dict(state)
 
     def save_model(self, output_dir=None, _internal_call=False):
-        """The host's `save_model`. On engines that shard parameters the objective's full tensors are gathered
-        first, on every rank (a collective; the host writes on rank 0 only, in `_save`)."""
-        engine = engine_name(self)
-        self._craft_full_tensors = full_state_dict(engine, self.craft_objective) if is_sharded(engine) else None
-        self._craft_state_written = False
-        try:
-            super().save_model(output_dir, _internal_call)
-            if self._craft_full_tensors is not None and not self._craft_state_written:  # FSDP's sharded state dict:
-                # the host writes no model at all there, so the plain HF model is gathered here (a collective,
-                # `DTensor.full_tensor` on every rank) and saved with `craft_state.pt` by `_save` on rank 0
-                state = full_state_dict(engine, self.model)
-                if self.args.should_save:
-                    self._save(output_dir, state_dict=state)
-                else:
-                    self._craft_write_state(output_dir, self._craft_full_tensors)
-        finally:
-            self._craft_full_tensors = None
+        """The host's `save_model` (the plain HF model, without the objective), then `craft_state.pt` beside it.
 
-    def _save(self, output_dir=None, state_dict=None):
-        """The host's save of the plain HF model (without the objective) plus `craft_state.pt` beside it.
-
-        ``state_dict`` is the full model state an engine gathered from its shards, if any: the objective's tensors
-        are taken from it before `save_pretrained` drops them (else from `save_model`'s gathered copy).
+        On engines that shard parameters the objective's full tensors are gathered first, on every rank (a
+        collective). Under FSDP with a sharded state dict the host writes no model at all, so the plain HF model is
+        gathered here too (`DTensor.full_tensor` on every rank) and saved by the host's `_save` on rank 0.
         """
-        tensors = objective_tensors(state_dict) if state_dict else getattr(self, "_craft_full_tensors", None)
-        super()._save(output_dir, state_dict)
+        engine = engine_name(self)
+        tensors = full_state_dict(engine, self.craft_objective) if is_sharded(engine) else None
+        super().save_model(output_dir, _internal_call)
+        if host_saves_no_model(self):
+            state = full_state_dict(engine, self.model)
+            if self.args.should_save:
+                self._save(output_dir, state_dict=state)
         self._craft_write_state(output_dir, tensors)
 
     def _craft_write_state(self, output_dir, tensors) -> None:
-        """`craft_state.pt` in ``output_dir`` (rank 0), the objective's parameters from ``tensors`` if given."""
-        self._craft_state_written = True
+        """`craft_state.pt` in ``output_dir`` (rank 0); the objective's parameters from ``tensors`` where an engine
+        gathered them from its shards, else from the objective itself."""
         if self.args.should_save:
             output_dir = self.args.output_dir if output_dir is None else output_dir
             os.makedirs(output_dir, exist_ok=True)
