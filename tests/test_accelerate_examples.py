@@ -75,6 +75,21 @@ def test_example_script_under_fsdp2_on_cpu_saves_a_plain_hf_model(tmp_path):
     assert (tmp_path / "out" / "craft_state.pt").is_file()
 
 
+@pytest.mark.slow
+def test_a_mistake_under_the_launcher_is_one_line_and_the_launchers_summary_names_it(tmp_path):
+    """Every rank raises the same UserError; rank 0 prints it once and hands it to the launcher's error file, and
+    the other rank waits for it, so accelerate's ChildFailedError summary gives that line as the root cause."""
+    proc = _launch(tmp_path, "ddp", script_options=("--craft", "craft_alhpa=0.5"))
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    lines = [line for line in output.splitlines() if line.startswith("train_craft.py: error:")]
+    assert len(lines) == 1 and "'craft_alhpa'; did you mean 'craft_alpha'?" in lines[0], output[-4000:]
+    root_cause = output.split("Root Cause (first observed failure):", 1)[-1]
+    assert f"traceback : {lines[0]}" in root_cause, output[-4000:]
+    assert "exitcode  : 2" in root_cause
+    assert str(REPO / "src" / "craft") not in output  # no traceback through craft on any rank
+
+
 @pytest.mark.parametrize("environ, message", [
     ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_CONFIG_FILE": "missing/zero2.json"},
      "deepspeed_config_file 'missing/zero2.json' does not exist"),

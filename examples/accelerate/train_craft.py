@@ -35,7 +35,7 @@ from datasets import Dataset, load_dataset
 
 from craft.config import CRAFTSFTConfig
 from craft.data import CRAFTCollator, make_craft_datasets
-from craft.errors import UserError
+from craft.errors import UserError, report_error
 from craft.trainers import CRAFTSFTTrainer
 
 # DeepSpeed on CPU calls torch.distributed's deprecated collectives on every step: one FutureWarning per call,
@@ -103,15 +103,16 @@ def main() -> None:
     options = parse_args()
     try:
         train(options)
-    except UserError as err:  # one line, from rank 0 (every rank raises the same), status 2
-        if os.environ.get("RANK", "0") == "0":
-            print(f"train_craft.py: error: {err}", file=sys.stderr, flush=True)
-        sys.exit(UserError.exit_code)
+        status = 0
+    except UserError as err:  # one line, from rank 0 (every rank raises the same), named by the launcher's summary
+        report_error(f"train_craft.py: error: {err}")
+        status = UserError.exit_code
     if torch.distributed.is_initialized():
         from craft.shutdown import end_launched_process
 
         # gloo threads the engine keeps alive could abort a finished rank in Python's finalization (craft.shutdown)
-        end_launched_process(0)
+        end_launched_process(status)
+    sys.exit(status)
 
 
 def train(options) -> None:

@@ -3,10 +3,8 @@
 Each subcommand module exposes `add_arguments(parser)` and `run(args) -> int`. A `UserError` anywhere becomes one
 line on stderr and exit status 2; nothing else is caught, so real bugs keep their traceback. In a multi-process
 launch (`torchrun`, `deepspeed`: the environment has RANK) every process exits with status 2 but only rank 0
-prints the line: the engine makes all ranks fail with the same error (see `craft.engine.distributed`). A launcher
-terminates the other processes as soon as one fails, so the other ranks give rank 0 a few seconds to print first
-(a SIGTERM meanwhile still ends them with status 2); under `torchrun` rank 0 also writes the line to the error
-file the launcher reads (TORCHELASTIC_ERROR_FILE), so its failure report names the cause.
+prints the line, and the launcher's failure report names it (`craft.errors.report_error`): the engine makes all
+ranks fail with the same error (see `craft.engine.distributed`).
 
 `--verbose` (any subcommand) lets third-party libraries print their informational output (`craft.quiet`).
 The `deepspeed` launcher inserts `--local_rank=N` before the subcommand; it is dropped (LOCAL_RANK is read from
@@ -17,13 +15,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import os
-import signal
 import sys
-import time
 
-from craft.errors import UserError
+from craft.errors import UserError, report_error
 from craft.quiet import silence_loggers
 
 # subcommand -> (module, one-line help). Modules are imported only when their subcommand runs.
@@ -54,30 +49,6 @@ def _drop_local_rank(argv: list[str]) -> list[str]:
         else:
             out.append(arg)
     return out
-
-
-RANK_ZERO_GRACE_S = 5.0
-
-
-def is_rank_zero() -> bool:
-    """True unless this process is a non-zero rank of a multi-process launch."""
-    return os.environ.get("RANK", "0") == "0"
-
-
-def _report(line: str) -> None:
-    """Rank 0 prints the error (and hands it to torchrun); the other ranks wait for it (module docstring)."""
-    if is_rank_zero():
-        print(line, file=sys.stderr)
-        if os.environ.get("TORCHELASTIC_ERROR_FILE"):
-            with open(os.environ["TORCHELASTIC_ERROR_FILE"], "w") as handle:
-                json.dump({"message": line, "timestamp": int(time.time())}, handle)
-        return
-
-    def ended(signum, frame):
-        raise SystemExit(UserError.exit_code)
-
-    signal.signal(signal.SIGTERM, ended)
-    time.sleep(RANK_ZERO_GRACE_S)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -113,7 +84,7 @@ def _run_subcommand(argv: list[str]) -> int:
     try:
         return int(_load(SUBCOMMANDS[args.command][0]).run(args) or 0)
     except UserError as err:
-        _report(f"craft {args.command}: error: {err}")
+        report_error(f"craft {args.command}: error: {err}")
         return UserError.exit_code
 
 
