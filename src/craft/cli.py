@@ -1,7 +1,9 @@
 """The `craft` command: one entry point, subcommands routed to the module that implements each.
 
 Each subcommand module exposes `add_arguments(parser)` and `run(args) -> int`. A `UserError` anywhere becomes one
-line on stderr and exit status 2; nothing else is caught, so real bugs keep their traceback. In a multi-process
+line on stderr and exit status 2; Ctrl-C (KeyboardInterrupt) is one line `craft COMMAND: interrupted` (plus the
+subcommand's `INTERRUPTED_HINT`, e.g. how to resume) and exit status 130, the shell's code for SIGINT; nothing else
+is caught, so real bugs keep their traceback. In a multi-process
 launch (`torchrun`, `deepspeed`: the environment has RANK) every process exits with status 2 but only rank 0
 prints the line, and the launcher's failure report names it (`craft.errors.report_error`): the engine makes all
 ranks fail with the same error (see `craft.engine.distributed`).
@@ -20,6 +22,8 @@ import sys
 
 from craft.errors import UserError, report_error
 from craft.quiet import silence_loggers
+
+INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT, what shells report for a command ended by Ctrl-C
 
 # subcommand -> (module, one-line help). Modules are imported only when their subcommand runs.
 SUBCOMMANDS = {
@@ -86,6 +90,12 @@ def _run_subcommand(argv: list[str]) -> int:
     except UserError as err:
         report_error(f"craft {args.command}: error: {err}")
         return UserError.exit_code
+    except KeyboardInterrupt:
+        if is_rank_zero():
+            hint = getattr(_load(SUBCOMMANDS[args.command][0]), "INTERRUPTED_HINT", "")
+            newline = "\n" if sys.stderr.isatty() else ""  # leave a progress bar's line intact
+            print(f"{newline}craft {args.command}: interrupted{'; ' + hint if hint else ''}", file=sys.stderr)
+        return INTERRUPTED_EXIT_CODE
 
 
 if __name__ == "__main__":

@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import argparse
 
+# Printed after `craft train: interrupted` on Ctrl-C (craft.cli): checkpoints are written whole or not at all.
+INTERRUPTED_HINT = ("the same command with --resume_from_checkpoint continues from the newest complete checkpoint "
+                    "(written every checkpoint_interval_hours and at each epoch end)")
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", help="TOML training config (see docs/training.md)")
