@@ -43,9 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if args.plot:
-        folder = Path(args.plot).resolve().parent
-        if not folder.is_dir():
-            raise UserError(f"--plot {args.plot}: the directory {folder} does not exist")
+        check_plot_path(args.plot)
     rows = inspect_adapter(args.adapter_dir)
     print(format_table(rows))
     worst = max(rows, key=lambda row: row.spec)
@@ -55,6 +53,19 @@ def run(args: argparse.Namespace) -> int:
         plot(rows, args.plot)
         print(f"plot written to {args.plot}")
     return 0
+
+
+def check_plot_path(path: str) -> None:
+    """Refuse a --plot path that is a directory, has no image suffix (matplotlib would silently append `.png`, so
+    the file would not be where the command said) or lies in a directory that does not exist."""
+    target = Path(path)
+    if target.is_dir():
+        raise UserError(f"--plot {path} is a directory; give a file name such as {target / 'norms.png'}")
+    if not target.suffix:
+        raise UserError(f"--plot {path}: give a file name with an image suffix (.png, .pdf, .svg)")
+    folder = target.resolve().parent
+    if not folder.is_dir():
+        raise UserError(f"--plot {path}: the directory {folder} does not exist")
 
 
 def singular_values(a: torch.Tensor, b: torch.Tensor, s: float) -> torch.Tensor:

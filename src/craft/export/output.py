@@ -2,7 +2,7 @@
 
 Everything is written to a hidden temporary sibling of the destination and renamed into place at the end; an
 existing non-empty destination is refused unless `force` is given, and is only removed after the new output is
-complete.
+complete. A file where a directory output goes (or a directory where a file goes) is refused even with `force`.
 """
 
 from __future__ import annotations
@@ -28,6 +28,8 @@ def _check_destination(path: Path, force: bool) -> None:
 def staged_directory(path: str | os.PathLike, force: bool = False) -> Iterator[Path]:
     """Yield an empty temporary directory; on success it replaces `path` (refused if occupied, unless `force`)."""
     path = Path(path)
+    if path.is_file():  # never replaced, even with --force: a file where a directory goes is a mistyped path
+        raise UserError(f"output {path} is a file; give a directory")
     _check_destination(path, force)
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = path.parent / f".{path.name}.partial-{os.getpid()}"
