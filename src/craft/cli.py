@@ -20,7 +20,7 @@ import importlib
 import os
 import sys
 
-from craft.errors import UserError, report_error
+from craft.errors import UserError, is_rank_zero, report_error
 from craft.quiet import silence_loggers
 
 INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT, what shells report for a command ended by Ctrl-C
