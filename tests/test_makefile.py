@@ -6,6 +6,7 @@ existing .venv (or a checkout whose files were touched) reinstalled everything. 
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -25,8 +26,9 @@ def test_matching_stamp_reuses_the_venv_and_runs_this_checkout(tmp_path):
     venv = tmp_path / "venv"
     venv.mkdir()
     key = _make("--eval", "print-key: ; @echo $(INSTALL_KEY)", "print-key").strip()
-    (venv / ".installed").write_text(key + "\n")
-    (ROOT / "pyproject.toml").touch()  # a fresh clone: every file newer than the stamp
+    stamp = venv / ".installed"
+    stamp.write_text(key + "\n")
+    os.utime(stamp, (0, 0))  # as in a fresh clone: every file of the checkout newer than the stamp
     plan = _make("-n", "demo", f"VENV={venv}")
     assert "pip install" not in plan
     assert f"PYTHONPATH=src HF_HUB_OFFLINE=1 {venv}/bin/python -m craft.demo" in plan

@@ -61,13 +61,12 @@ def staged_file(path: str | os.PathLike, force: bool = False) -> Iterator[Path]:
 
 
 def _replace(staging: Path, path: Path) -> None:
+    """Rename the finished directory `staging` to `path`; an existing `path` (a directory: `staged_directory`
+    refuses anything else) is removed only after the new output is in place."""
     if not path.exists():
         staging.rename(path)
         return
     retired = path.parent / f".{path.name}.old-{os.getpid()}"
     path.rename(retired)
     staging.rename(path)
-    if retired.is_dir():
-        shutil.rmtree(retired)
-    else:
-        retired.unlink()
+    shutil.rmtree(retired)
